@@ -1,0 +1,48 @@
+"""Turning token-id lists into the padded tensors the model and the loss take."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from stages.generation import left_pad
+
+
+def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(1, max(len(s) for s in sequences))
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, :len(seq)] = 1
+    return ids, mask
+
+
+@dataclass
+class CompletionBatch:
+    """Prompts left-padded and completions right-padded, so every completion starts at one column."""
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+
+    @classmethod
+    def from_lists(cls, prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> CompletionBatch:
+        prompt_ids, prompt_mask = left_pad(prompts, pad_id)
+        completion_ids, completion_mask = right_pad(completions, pad_id)
+        return cls(prompt_ids, prompt_mask, completion_ids, completion_mask)
+
+    def to(self, device: torch.device) -> CompletionBatch:
+        return CompletionBatch(*(t.to(device) for t in vars(self).values()))
+
+    def as_inputs(self) -> tuple[torch.Tensor, ...]:
+        return self.prompt_ids, self.prompt_mask, self.completion_ids, self.completion_mask
+
+
+def pad_to(rows: list[list[float]], width: int, value: float = 0.0) -> torch.Tensor:
+    out = torch.full((len(rows), width), value)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = torch.tensor(row[:width])
+    return out

@@ -1,0 +1,192 @@
+"""The run's configuration: `params.yaml` validated into typed, frozen models.
+
+`params.yaml` is the single source of defaults; these models only say what a valid value
+is. Unknown keys are errors, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from stages.errors import ConfigError
+from stages.languages import SCRIPTS
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BuiltinTask(Section):
+    train_size: int = Field(gt=0)
+    test_size: int = Field(gt=0)
+    min_operand: int = Field(ge=0)
+    max_operand: int = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _operands_ordered(self) -> BuiltinTask:
+        if self.max_operand <= self.min_operand:
+            raise ValueError("max_operand must be greater than min_operand")
+        return self
+
+
+class DataConfig(Section):
+    source: str = Field(min_length=1)  # "builtin" or a path to a Parquet/JSONL file
+    test_fraction: float = Field(gt=0, lt=1)  # held-out share of a user's file
+    builtin: BuiltinTask
+
+
+class TinyModel(Section):
+    hidden_size: int = Field(gt=0)
+    num_layers: int = Field(gt=0)
+    num_heads: int = Field(gt=0)
+    intermediate_size: int = Field(gt=0)
+    max_position_embeddings: int = Field(gt=0)
+
+
+class ModelConfig(Section):
+    path: str  # empty: build and SFT the tiny model
+    trust_remote_code: bool
+    tiny: TinyModel
+
+
+class SFTConfig(Section):
+    steps: int = Field(ge=0)
+    batch_size: int = Field(gt=0)
+    lr: float = Field(gt=0)
+    warmup_steps: int = Field(ge=0)
+
+
+class RolloutConfig(Section):
+    group_size: int = Field(ge=2)  # G: a group of one has no relative advantage
+    prompts_per_iteration: int = Field(gt=0)
+    temperature: float = Field(gt=0)
+    top_p: float = Field(gt=0, le=1)
+    max_new_tokens: int = Field(gt=0)
+
+
+class RewardConfig(Section):
+    weights: dict[str, float] = Field(min_length=1)
+    target_language: str
+    custom: list[str]  # "package.module:function"
+
+    @field_validator("target_language")
+    @classmethod
+    def _known_language(cls, value: str) -> str:
+        if value not in SCRIPTS:
+            raise ValueError(f"unknown language {value!r} (known: {', '.join(sorted(SCRIPTS))})")
+        return value
+
+
+class GRPOConfig(Section):
+    iterations: int = Field(ge=0)
+    mu: int = Field(ge=1)
+    minibatch_size: int = Field(gt=0)  # completions per optimizer step
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(ge=0)
+    beta: float = Field(ge=0)
+    eps_low: float = Field(gt=0, lt=1)
+    eps_high: float = Field(gt=0)
+    scale_rewards: Literal["group", "batch", "none"]
+    loss_agg: Literal["grpo", "dapo", "dr_grpo"]
+    max_grad_norm: float = Field(gt=0)
+
+
+class EvalConfig(Section):
+    max_new_tokens: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    samples_logged: int = Field(ge=0)  # completions per iteration kept as examples
+
+
+class CheckpointConfig(Section):
+    keep_last: int = Field(ge=1)
+
+
+class Params(Section):
+    seed: int = Field(ge=0)
+    device: Literal["auto", "cpu", "cuda"]
+    threads: int = Field(ge=0)  # torch intra-op threads; 0 = one per core
+    data: DataConfig
+    model: ModelConfig
+    sft: SFTConfig
+    rollout: RolloutConfig
+    reward: RewardConfig
+    grpo: GRPOConfig
+    eval: EvalConfig
+    checkpoints: CheckpointConfig
+
+    @model_validator(mode="after")
+    def _minibatches_tile_the_batch(self) -> Params:
+        completions = self.rollout.prompts_per_iteration * self.rollout.group_size
+        if completions % self.grpo.minibatch_size:
+            raise ValueError(
+                f"grpo.minibatch_size={self.grpo.minibatch_size} must divide "
+                f"rollout.prompts_per_iteration * rollout.group_size = {completions}"
+            )
+        return self
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"])
+    message = first["msg"]
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif first["type"] == "missing":
+        message = "missing key"
+    return f"{key}: {message}" if key else message
+
+
+def parse_params(raw: dict[str, Any]) -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(f"params: {_describe(error)}") from None
+
+
+def set_key(raw: dict[str, Any], dotted_key: str, value: Any) -> None:
+    """Apply one `a.b.c=value` override, as `dvc exp run -S` does; unknown keys fail later."""
+    *parents, leaf = dotted_key.split(".")
+    node = raw
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"params: {dotted_key}: {part} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] = ()) -> Params:
+    """Read `path`, apply `key=value` overrides (values parsed as YAML), validate."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"params: file not found: {path}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"params: {path} is not valid YAML: {error}".splitlines()[0]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"params: {path} must hold a mapping of keys")
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep:
+            raise ConfigError(f"params: override {override!r} is not key=value")
+        set_key(raw, key.strip(), yaml.safe_load(value))
+    return parse_params(raw)
+
+
+def flatten(params: Params) -> dict[str, Any]:
+    """`{"grpo.beta": 0.04, ...}`: the form MLflow and `dvc exp show` use."""
+
+    def walk(node: Any, prefix: str) -> dict[str, Any]:
+        if isinstance(node, dict) and node:
+            out: dict[str, Any] = {}
+            for key, value in node.items():
+                out.update(walk(value, f"{prefix}{key}."))
+            return out
+        return {prefix[:-1]: node}
+
+    return walk(params.model_dump(mode="json"), "")

@@ -1,0 +1,51 @@
+"""evaluate: greedy decoding on the held-out prompts, reference vs final policy → metrics/eval.json."""
+
+from __future__ import annotations
+
+import time
+
+import pandas as pd
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from stages.artifacts import Layout, write_json
+from stages.config import Params
+from stages.generation import sample
+from stages.modeling import configure_threads, encode_prompts, eos_token_ids, load_pretrained, resolve_device
+from stages.rewards import accuracy, format_reward
+
+
+def greedy_completions(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
+                       max_new_tokens: int, batch_size: int) -> list[str]:
+    completions: list[str] = []
+    eos = eos_token_ids(model, tokenizer)
+    for start in range(0, len(prompts), batch_size):
+        ids = encode_prompts(tokenizer, prompts[start:start + batch_size])
+        out = sample(model, ids, group_size=1, max_new_tokens=max_new_tokens, eos_ids=eos,
+                     pad_id=tokenizer.pad_token_id, greedy=True)
+        completions += tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
+    return completions
+
+
+def held_out_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, test: pd.DataFrame,
+                    max_new_tokens: int, batch_size: int) -> dict[str, float]:
+    prompts = test["prompt"].tolist()
+    completions = greedy_completions(model, tokenizer, prompts, max_new_tokens, batch_size)
+    correct = accuracy(prompts, completions, answer=test["answer"].tolist())
+    formatted = format_reward(prompts, completions)
+    return {"accuracy": sum(correct) / len(correct), "format_rate": sum(formatted) / len(formatted)}
+
+
+def evaluate(params: Params, layout: Layout) -> dict[str, float]:
+    configure_threads(params)
+    device = resolve_device(params)
+    test = pd.read_parquet(layout.prompt_split("test"))
+    metrics: dict[str, float] = {"test_prompts": len(test)}
+    for name, path in (("reference", layout.reference), ("policy", layout.policy)):
+        started = time.perf_counter()
+        model, tokenizer = load_pretrained(path, params.model, device)
+        scores = held_out_scores(model.eval(), tokenizer, test, params.eval.max_new_tokens, params.eval.batch_size)
+        metrics.update({f"{name}_{key}": value for key, value in scores.items()})
+        metrics[f"{name}_seconds"] = time.perf_counter() - started
+    metrics["accuracy_gain"] = metrics["policy_accuracy"] - metrics["reference_accuracy"]
+    write_json(layout.metrics / "eval.json", metrics)
+    return metrics

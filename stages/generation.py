@@ -1,0 +1,136 @@
+"""Batched sampling and per-token log-probs, over any Hugging Face causal LM.
+
+A lean decode loop instead of `generate`: each prompt is prefilled once and its KV cache
+shared by its G samples; a sequence stops at an eos id and the batch when all have; and the
+log-prob of each sampled token (under the temperature-scaled distribution the loss uses) is
+kept, so the update needs no second forward pass for `logp_old`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache, PreTrainedModel
+
+
+@dataclass
+class Samples:
+    completion_ids: torch.Tensor  # [N, T] right-padded with pad_id, eos included
+    logprobs: torch.Tensor  # [N, T] log-prob of each sampled token, 0 on padding
+    lengths: torch.Tensor  # [N] tokens per completion, eos included
+    stopped: torch.Tensor  # [N] True when the completion ended with an eos id
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, width - len(seq):] = torch.tensor(seq)
+            mask[row, width - len(seq):] = 1
+    return ids, mask
+
+
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that ignore left padding, as `generate` computes them."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Mask the tail outside the smallest set of tokens whose probability reaches top_p."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    cumulative = sorted_logits.softmax(-1).cumsum(-1)
+    drop_sorted = cumulative - sorted_logits.softmax(-1) >= top_p  # keep at least the top token
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+@torch.inference_mode()
+def sample(
+    model: PreTrainedModel,
+    prompt_ids: list[list[int]],
+    *,
+    group_size: int,
+    max_new_tokens: int,
+    eos_ids: list[int],
+    pad_id: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+    generator: torch.Generator | None = None,
+) -> Samples:
+    """`group_size` completions per prompt, rows grouped by prompt: [p0s0, p0s1, ..., p1s0, ...]."""
+    device = model.device
+    ids, mask = left_pad(prompt_ids, pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
+                past_key_values=cache, use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    if group_size > 1:
+        cache.batch_repeat_interleave(group_size)
+    logits = out.logits[:, -1].float().repeat_interleave(group_size, dim=0)
+    mask = mask.repeat_interleave(group_size, dim=0)
+    next_position = positions(mask)[:, -1] + 1
+
+    n = logits.shape[0]
+    eos = torch.tensor(eos_ids, device=device)
+    tokens = torch.full((n, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros((n, max_new_tokens), device=device)
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    lengths = torch.full((n,), max_new_tokens, dtype=torch.long, device=device)
+
+    for step in range(max_new_tokens):
+        scaled = F.log_softmax(logits / temperature, dim=-1)
+        if greedy:
+            token = scaled.argmax(-1)
+        else:
+            probs = top_p_filter(scaled, top_p).softmax(-1)
+            token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        token = token.masked_fill(done, pad_id)
+        tokens[:, step] = token
+        logprobs[:, step] = scaled.gather(-1, token[:, None]).squeeze(-1).masked_fill(done, 0.0)
+        ended = ~done & torch.isin(token, eos)
+        lengths[ended] = step + 1
+        done |= ended
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], dim=-1)
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position[:, None],
+                    past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        logits = out.logits[:, -1].float()
+        next_position = next_position + 1
+
+    width = int(lengths.max())
+    return Samples(tokens[:, :width].cpu(), logprobs[:, :width].cpu(), lengths.cpu(), done.cpu())
+
+
+def completion_logprobs(
+    model: PreTrainedModel,
+    prompt_ids: torch.Tensor,  # [B, P] left-padded
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,  # [B, T] right-padded
+    completion_mask: torch.Tensor,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log-probs of the completion under `model`, temperature-scaled like sampling."""
+    ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    width = completion_ids.shape[1]
+    # Logits only where they predict a completion token: the vocab projection is the big cost.
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
+                   logits_to_keep=width + 1).logits[:, :-1].float() / temperature
+    logp = F.log_softmax(logits, dim=-1)
+    token_logp = logp.gather(-1, completion_ids[..., None]).squeeze(-1)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = -(logp.exp() * logp).sum(-1)
+    return token_logp, entropy

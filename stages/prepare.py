@@ -1,0 +1,120 @@
+"""prepare: the prompts, split into train and held-out test → data/prompts/{train,test}.parquet.
+
+Columns: prompt_id, prompt, answer, solution. `solution` is the worked reasoning the SFT
+stage imitates (empty when a user's file has none).
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from stages.artifacts import Layout, write_parquet
+from stages.config import DataConfig, Params
+from stages.errors import DataError
+
+COLUMNS = ["prompt_id", "prompt", "answer", "solution"]
+
+
+def arithmetic_problems(cfg: DataConfig, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Distinct `a + b` / `a - b` problems (non-negative results), shuffled by the seed."""
+    task = cfg.builtin
+    operands = range(task.min_operand, task.max_operand + 1)
+    problems = [(a, op, b) for a, b in itertools.product(operands, operands) for op in "+-"
+                if op == "+" or a >= b]
+    needed = task.train_size + task.test_size
+    if needed > len(problems):
+        raise DataError(
+            f"data.builtin: train_size + test_size = {needed} exceeds the "
+            f"{len(problems)} distinct problems in [{task.min_operand}, {task.max_operand}]"
+        )
+    order = np.random.default_rng(seed).permutation(len(problems))[:needed]
+    rows = []
+    for a, op, b in (problems[i] for i in order):
+        result = a + b if op == "+" else a - b
+        rows.append({
+            "prompt_id": f"{a}{op}{b}",
+            "prompt": f"What is {a} {op} {b}?",
+            "answer": str(result),
+            "solution": f"{a} {op} {b} = {result}",
+        })
+    frame = pd.DataFrame(rows, columns=COLUMNS)
+    # Test first, so growing train_size never moves a problem from test into train.
+    return frame.iloc[task.test_size:].reset_index(drop=True), frame.iloc[:task.test_size].reset_index(drop=True)
+
+
+def split_answer(answer: str) -> tuple[str, str]:
+    """GSM8K writes `reasoning #### 72`: return (final answer, reasoning)."""
+    reasoning, sep, final = answer.rpartition("####")
+    if not sep:
+        return answer.strip(), ""
+    return final.strip().replace(",", ""), reasoning.strip()
+
+
+def read_user_file(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise DataError(f"data.source: file not found: {path}")
+    try:
+        if path.suffix == ".parquet":
+            frame = pd.read_parquet(path)
+        elif path.suffix in (".jsonl", ".json"):
+            frame = pd.read_json(path, lines=path.suffix == ".jsonl", dtype=False)
+        else:
+            raise DataError(f"data.source: {path}: expected a .parquet or .jsonl file")
+    except DataError:
+        raise
+    except Exception as error:  # pyarrow/pandas raise many types for a corrupt file
+        raise DataError(f"data.source: {path} is unreadable: {str(error).splitlines()[0]}") from None
+    return frame
+
+
+def user_problems(path: Path, cfg: DataConfig, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    frame = read_user_file(path)
+    if frame.empty:
+        raise DataError(f"data.source: {path} has no rows")
+    for column in ("prompt", "answer"):
+        if column not in frame.columns:
+            raise DataError(f"data.source: {path} has no '{column}' column")
+        missing = frame[column].isna() | (frame[column].astype(str).str.strip() == "")
+        if missing.any():
+            raise DataError(f"data.source: {path} row {int(np.flatnonzero(missing)[0])}: empty '{column}'")
+    if "prompt_id" in frame.columns:
+        ids = frame["prompt_id"]
+        if ids.isna().any():
+            raise DataError(f"data.source: {path} row {int(np.flatnonzero(ids.isna())[0])}: null 'prompt_id'")
+        ids = ids.astype(str)
+        duplicated = ids.duplicated()
+        if duplicated.any():
+            row = int(np.flatnonzero(duplicated)[0])
+            raise DataError(f"data.source: {path} row {row}: duplicate prompt_id {ids.iloc[row]!r}")
+    else:
+        ids = pd.Series([f"row-{i}" for i in range(len(frame))])
+    finals, reasonings = zip(*(split_answer(str(a)) for a in frame["answer"]))
+    problems = pd.DataFrame({
+        "prompt_id": ids.to_numpy(),
+        "prompt": frame["prompt"].astype(str).to_numpy(),
+        "answer": list(finals),
+        "solution": list(reasonings),
+    })
+    if len(problems) < 2:
+        raise DataError(f"data.source: {path} needs at least 2 rows to hold some out for testing")
+    order = np.random.default_rng(seed).permutation(len(problems))
+    n_test = max(1, round(cfg.test_fraction * len(problems)))
+    test, train = problems.iloc[order[:n_test]], problems.iloc[order[n_test:]]
+    return train.reset_index(drop=True), test.reset_index(drop=True)
+
+
+def prepare(params: Params, layout: Layout) -> dict[str, int]:
+    if params.data.source == "builtin":
+        train, test = arithmetic_problems(params.data, params.seed)
+    else:
+        source = Path(params.data.source)
+        if not source.is_absolute():
+            source = layout.root / source
+        train, test = user_problems(source, params.data, params.seed)
+    write_parquet(layout.prompt_split("train"), train)
+    write_parquet(layout.prompt_split("test"), test)
+    return {"train_prompts": len(train), "test_prompts": len(test)}

@@ -1,0 +1,86 @@
+"""reference: the frozen SFT policy GRPO starts from and stays close to → models/reference/.
+
+With `model.path` empty, build the tiny character-level model and teach it the
+`<think>…</think><answer>…</answer>` format by a short SFT: long enough to know the format,
+short enough to be often wrong, so GRPO has something to learn. With `model.path` set,
+validate that Hugging Face directory and save it as the reference unchanged (no SFT).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
+
+from stages.artifacts import Layout
+from stages.batching import CompletionBatch
+from stages.config import Params, SFTConfig
+from stages.generation import completion_logprobs
+from stages.modeling import (build_tiny_model, build_tokenizer, configure_threads, encode_prompts,
+                             load_pretrained, resolve_device, save_model)
+
+
+def solution_text(solution: str, answer: str) -> str:
+    return f"<think>{solution}</think><answer>{answer}</answer>"
+
+
+def sft_examples(frame: pd.DataFrame, tokenizer: PreTrainedTokenizerBase) -> tuple[list[list[int]], list[list[int]]]:
+    prompts = encode_prompts(tokenizer, frame["prompt"].tolist())
+    targets = [solution_text(s, a) for s, a in zip(frame["solution"], frame["answer"])]
+    completions = tokenizer(targets, add_special_tokens=False)["input_ids"]
+    return prompts, [c + [tokenizer.eos_token_id] for c in completions]
+
+
+def supervised_finetune(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                        prompts: list[list[int]], completions: list[list[int]],
+                        cfg: SFTConfig, seed: int) -> list[float]:
+    """Next-token cross-entropy on the completion tokens only; returns the loss per step."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    schedule = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, max(cfg.steps, 1))
+    rng = np.random.default_rng(seed)
+    losses = []
+    for _ in tqdm(range(cfg.steps), desc="sft", unit="step", disable=None):
+        rows = rng.choice(len(prompts), size=min(cfg.batch_size, len(prompts)), replace=False)
+        batch = CompletionBatch.from_lists([prompts[i] for i in rows], [completions[i] for i in rows],
+                                           tokenizer.pad_token_id).to(model.device)
+        logp, _ = completion_logprobs(model, *batch.as_inputs())
+        mask = batch.completion_mask.float()
+        loss = -(logp * mask).sum() / mask.sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def reference(params: Params, layout: Layout) -> dict[str, float]:
+    configure_threads(params)
+    device = resolve_device(params)
+    started = time.perf_counter()
+    if params.model.path:
+        source = Path(params.model.path)
+        if not source.is_absolute():
+            source = layout.root / source
+        model, tokenizer = load_pretrained(source, params.model, device)
+        metrics = {"sft_steps": 0}
+    else:
+        tokenizer = build_tokenizer()
+        model = build_tiny_model(params.model.tiny, tokenizer, params.seed).to(device)
+        train = pd.read_parquet(layout.prompt_split("train"))
+        losses = supervised_finetune(model, tokenizer, *sft_examples(train, tokenizer), params.sft, params.seed)
+        metrics = {"sft_steps": len(losses), "sft_final_loss": float(np.mean(losses[-10:])) if losses else math.nan}
+    save_model(model, tokenizer, layout.reference)
+    metrics["parameters"] = sum(p.numel() for p in model.parameters())
+    metrics["seconds"] = time.perf_counter() - started
+    return metrics
+

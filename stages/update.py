@@ -1,0 +1,141 @@
+"""update: mu epochs of clipped policy-gradient steps on one iteration's rollouts.
+
+Reads rollouts.parquet (token ids, the sampling policy's log-probs) and advantages.parquet,
+steps the policy in place, writes the checkpoint runs/checkpoints/NNNN/ and update.json.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from stages.artifacts import Layout, write_json
+from stages.batching import CompletionBatch, pad_to
+from stages.checkpoints import save_checkpoint
+from stages.config import Params
+from stages.errors import GroupError, NumericsError
+from stages.generation import completion_logprobs
+from stages.modeling import autocast
+from stages.objective import grpo_loss
+from stages.rollout import iteration_seed
+
+
+@dataclass
+class TrainState:
+    """What the update mutates, held in memory across iterations."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    optimizer: torch.optim.Optimizer
+
+
+def make_optimizer(model: PreTrainedModel, params: Params) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=params.grpo.lr, weight_decay=params.grpo.weight_decay)
+
+
+@dataclass
+class UpdateBatch:
+    """One iteration's completions as tensors, rows aligned with rollouts.parquet."""
+
+    inputs: CompletionBatch
+    old_logp: torch.Tensor
+    advantages: torch.Tensor
+    ref_logp: torch.Tensor | None = None  # filled only when beta != 0
+
+    def rows(self, index: torch.Tensor) -> UpdateBatch:
+        inputs = CompletionBatch(*(t[index] for t in self.inputs.as_inputs()))
+        # Trim to the longest completion of these rows: shorter minibatches cost less.
+        width = int(inputs.completion_mask.sum(-1).max())
+        inputs.completion_ids, inputs.completion_mask = inputs.completion_ids[:, :width], inputs.completion_mask[:, :width]
+        ref_logp = None if self.ref_logp is None else self.ref_logp[index, :width]
+        return UpdateBatch(inputs, self.old_logp[index, :width], self.advantages[index], ref_logp)
+
+
+def load_update_batch(layout: Layout, iteration: int, pad_id: int) -> UpdateBatch:
+    folder = layout.iteration(iteration)
+    rollouts = pd.read_parquet(folder / "rollouts.parquet", columns=["prompt_id", "sample", "prompt_ids", "completion_ids", "logprobs"])
+    advantages = pd.read_parquet(folder / "advantages.parquet", columns=["prompt_id", "sample", "advantage"])
+    merged = rollouts.merge(advantages, on=["prompt_id", "sample"], how="left", validate="one_to_one")
+    missing = merged["advantage"].isna()
+    if missing.any():
+        row = merged[missing].iloc[0]
+        raise GroupError(f"advantages.parquet of iteration {iteration} lacks prompt_id={row['prompt_id']!r} sample={row['sample']}")
+    inputs = CompletionBatch.from_lists([list(p) for p in merged["prompt_ids"]],
+                                        [list(c) for c in merged["completion_ids"]], pad_id)
+    old_logp = pad_to([list(x) for x in merged["logprobs"]], inputs.completion_ids.shape[1])
+    return UpdateBatch(inputs, old_logp, torch.tensor(merged["advantage"].to_numpy(), dtype=torch.float32))
+
+
+@torch.inference_mode()
+def reference_logprobs(reference: PreTrainedModel, batch: UpdateBatch, chunk: int, temperature: float) -> torch.Tensor:
+    """The frozen reference's log-probs of every completion token, computed once per iteration."""
+    device = reference.device
+    parts = []
+    for start in range(0, len(batch.advantages), chunk):
+        inputs = CompletionBatch(*(t[start:start + chunk] for t in batch.inputs.as_inputs())).to(device)
+        with autocast(device):
+            logp, _ = completion_logprobs(reference, *inputs.as_inputs(), temperature=temperature)
+        parts.append(logp.float().cpu())
+    return torch.cat(parts)
+
+
+def policy_step(state: TrainState, batch: UpdateBatch, params: Params, iteration: int) -> dict[str, float]:
+    cfg, device = params.grpo, state.model.device
+    inputs = batch.inputs.to(device)
+    with autocast(device):
+        logp, entropy = completion_logprobs(state.model, *inputs.as_inputs(),
+                                            temperature=params.rollout.temperature, with_entropy=True)
+    mask = inputs.completion_mask.float()
+    loss, stats = grpo_loss(
+        logp.float(), batch.old_logp.to(device), None if batch.ref_logp is None else batch.ref_logp.to(device),
+        batch.advantages.to(device), mask, eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta,
+        loss_agg=cfg.loss_agg, max_new_tokens=params.rollout.max_new_tokens,
+    )
+    if not torch.isfinite(loss):
+        raise NumericsError(f"iteration {iteration}: the loss is {loss.item()}; the previous checkpoint is kept")
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.max_grad_norm)
+    if not torch.isfinite(grad_norm):
+        raise NumericsError(f"iteration {iteration}: the gradient norm is {grad_norm.item()}; the previous checkpoint is kept")
+    state.optimizer.step()
+    ratio = torch.exp(logp.detach().float() - batch.old_logp.to(device))
+    return {**stats, "loss": loss.item(), "grad_norm": grad_norm.item(),
+            "entropy": float((entropy * mask).sum() / mask.sum()),
+            "ratio_mean": float((ratio * mask).sum() / mask.sum())}
+
+
+def update(params: Params, layout: Layout, iteration: int, state: TrainState,
+           reference: PreTrainedModel | None) -> dict[str, float]:
+    started = time.perf_counter()
+    cfg = params.grpo
+    batch = load_update_batch(layout, iteration, state.tokenizer.pad_token_id)
+    if cfg.beta != 0.0:  # with beta = 0 the reference is never run
+        batch.ref_logp = reference_logprobs(reference, batch, cfg.minibatch_size, params.rollout.temperature)
+    seconds_reference = time.perf_counter() - started
+
+    state.model.train()
+    generator = torch.Generator().manual_seed(iteration_seed(params.seed, iteration, 2))
+    steps: list[dict[str, float]] = []
+    total = cfg.mu * (len(batch.advantages) // cfg.minibatch_size)
+    with tqdm(total=total, desc=f"update {iteration}", unit="step", disable=None, leave=False) as progress:
+        for _ in range(cfg.mu):
+            order = torch.randperm(len(batch.advantages), generator=generator)
+            for rows in order.split(cfg.minibatch_size):
+                steps.append(policy_step(state, batch.rows(rows), params, iteration))
+                progress.update()
+    state.model.eval()
+
+    save_checkpoint(state.model, state.tokenizer, state.optimizer, layout.checkpoint(iteration))
+    metrics = {key: float(np.mean([s[key] for s in steps if key in s])) for key in steps[0]}
+    metrics.update({"optimizer_steps": len(steps), "seconds/reference": seconds_reference,
+                    "seconds/update": time.perf_counter() - started})
+    write_json(layout.iteration(iteration) / "update.json", metrics)
+    return metrics
