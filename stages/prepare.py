@@ -19,6 +19,28 @@ from stages.errors import DataError
 COLUMNS = ["prompt_id", "prompt", "answer", "solution"]
 
 
+def column_steps(a: int, op: str, b: int) -> str:
+    """Schoolbook working, units column first: `78 + 55` → `8+5=13 7+5+1=13`.
+
+    Every problem is built from the same few hundred one-digit facts and carries, so what
+    GRPO teaches on one training prompt carries over to held-out ones.
+    """
+    steps, carry = [], 0
+    while a or b:
+        x, y = a % 10, b % 10
+        if op == "+":
+            total = x + y + carry
+            steps.append(f"{x}+{y}{'+1' if carry else ''}={total}")
+            carry = total // 10
+        else:
+            top = x - carry
+            borrow = top < y
+            steps.append(f"{'1' if borrow else ''}{x}-{y}{'-1' if carry else ''}={top + 10 * borrow - y}")
+            carry = int(borrow)
+        a, b = a // 10, b // 10
+    return " ".join(steps)
+
+
 def arithmetic_problems(cfg: DataConfig, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Distinct `a + b` / `a - b` problems (non-negative results), shuffled by the seed."""
     task = cfg.builtin
@@ -39,7 +61,7 @@ def arithmetic_problems(cfg: DataConfig, seed: int) -> tuple[pd.DataFrame, pd.Da
             "prompt_id": f"{a}{op}{b}",
             "prompt": f"What is {a} {op} {b}?",
             "answer": str(result),
-            "solution": f"{a} {op} {b} = {result}",
+            "solution": column_steps(a, op, b),
         })
     frame = pd.DataFrame(rows, columns=COLUMNS)
     # Test first, so growing train_size never moves a problem from test into train.

@@ -1,0 +1,34 @@
+"""Shared fixtures: the project's own params.yaml, shrunk so a whole pipeline runs in seconds."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+TINY = [
+    "data.builtin.train_size=200", "data.builtin.test_size=20",
+    "model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2",
+    "model.tiny.intermediate_size=64",
+    "sft.steps=5", "sft.batch_size=16",
+    "rollout.prompts_per_iteration=4", "rollout.group_size=4", "rollout.max_new_tokens=12",
+    "grpo.iterations=2", "grpo.minibatch_size=8", "grpo.lr=0.001",
+    "eval.max_new_tokens=12",
+]
+
+
+@pytest.fixture
+def tiny_overrides() -> list[str]:
+    return list(TINY)
+
+
+@pytest.fixture
+def tiny_params(tiny_overrides):
+    from stages.config import load_params
+    return load_params(ROOT / "params.yaml", tiny_overrides)

@@ -1,0 +1,59 @@
+"""params.yaml is the contract: every key validated, every mistake named."""
+
+import pytest
+
+from stages.config import flatten, load_params
+from stages.errors import ConfigError
+
+from conftest import ROOT
+
+PARAMS = ROOT / "params.yaml"
+
+
+def test_the_project_params_load_and_spell_the_documented_keys():
+    params = load_params(PARAMS)
+    keys = set(flatten(params))
+    for key in ["seed", "device", "data.source", "model.path", "model.trust_remote_code",
+                "rollout.group_size", "rollout.prompts_per_iteration", "rollout.temperature",
+                "rollout.top_p", "rollout.max_new_tokens", "reward.weights.accuracy",
+                "reward.target_language", "reward.custom", "grpo.iterations", "grpo.mu", "grpo.lr",
+                "grpo.beta", "grpo.eps_low", "grpo.eps_high", "grpo.scale_rewards", "grpo.loss_agg",
+                "grpo.max_grad_norm", "checkpoints.keep_last"]:
+        assert key in keys
+
+
+def test_overrides_are_parsed_as_yaml_values():
+    params = load_params(PARAMS, ["grpo.beta=0", "reward.custom=[a.b:c]", "model.path=/x"])
+    assert params.grpo.beta == 0.0
+    assert params.reward.custom == ["a.b:c"]
+    assert params.model.path == "/x"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("grpo.betta=0.1", "grpo.betta: unknown key"),
+    ("rollout.group_size=1", "rollout.group_size: Input should be greater than or equal to 2"),
+    ("grpo.eps_low=0", "grpo.eps_low: Input should be greater than 0"),
+    ("grpo.beta=-0.1", "grpo.beta: Input should be greater than or equal to 0"),
+    ("grpo.lr=0", "grpo.lr: Input should be greater than 0"),
+    ("grpo.loss_agg=mean", "grpo.loss_agg: Input should be 'grpo', 'dapo' or 'dr_grpo'"),
+    ("grpo.scale_rewards=max", "grpo.scale_rewards: Input should be 'group', 'batch' or 'none'"),
+    ("grpo.minibatch_size=100", "grpo.minibatch_size=100 must divide"),
+    ("rollout.top_p=1.5", "rollout.top_p: Input should be less than or equal to 1"),
+    ("reward.target_language=xx", "reward.target_language: Value error, unknown language 'xx'"),
+    ("device=tpu", "device: Input should be 'auto', 'cpu' or 'cuda'"),
+    ("grpo.iterations=many", "grpo.iterations: Input should be a valid integer"),
+])
+def test_a_bad_value_is_one_line_naming_the_key(override, message):
+    with pytest.raises(ConfigError) as error:
+        load_params(PARAMS, [override])
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_a_missing_key_and_a_missing_file_are_named(tmp_path):
+    partial = tmp_path / "params.yaml"
+    partial.write_text(PARAMS.read_text().replace("seed: 0\n", ""))
+    with pytest.raises(ConfigError, match="seed: missing key"):
+        load_params(partial)
+    with pytest.raises(ConfigError, match="file not found"):
+        load_params(tmp_path / "nope.yaml")

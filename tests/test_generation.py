@@ -1,0 +1,77 @@
+"""The decode loop: same tokens as HF generate, log-probs equal to a fresh forward, clean stops."""
+
+import pytest
+import torch
+
+from stages.batching import CompletionBatch
+from stages.generation import completion_logprobs, sample, top_p_filter
+from stages.modeling import build_tiny_model, build_tokenizer, encode_prompts, prompt_text
+
+PROMPTS = ["What is 12 + 34?", "What is 99 - 10?", "Hi"]
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer():
+    from stages.config import TinyModel
+    tokenizer = build_tokenizer()
+    shape = TinyModel(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position_embeddings=64)
+    return build_tiny_model(shape, tokenizer, seed=3).eval(), tokenizer
+
+
+def test_greedy_with_a_shared_prefill_matches_hf_generate(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    ids = encode_prompts(tokenizer, PROMPTS)
+    ours = sample(model, ids, group_size=3, max_new_tokens=10, eos_ids=[tokenizer.eos_token_id],
+                  pad_id=tokenizer.pad_token_id, greedy=True)
+    batch = tokenizer([prompt_text(tokenizer, p) for p in PROMPTS], return_tensors="pt", padding=True)
+    reference = model.generate(**batch, max_new_tokens=10, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                               eos_token_id=tokenizer.eos_token_id)[:, batch["input_ids"].shape[1]:]
+    for row in range(len(PROMPTS)):
+        expected = reference[row][: ours.lengths[row * 3]]
+        for sample_index in range(3):  # greedy: all G samples of a prompt agree
+            got = ours.completion_ids[row * 3 + sample_index][: ours.lengths[row * 3 + sample_index]]
+            assert torch.equal(got, expected)
+
+
+def test_kept_logprobs_equal_a_fresh_forward_pass(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    ids = encode_prompts(tokenizer, PROMPTS)
+    generator = torch.Generator().manual_seed(0)
+    out = sample(model, ids, group_size=4, max_new_tokens=16, eos_ids=[tokenizer.eos_token_id],
+                 pad_id=tokenizer.pad_token_id, temperature=0.7, generator=generator)
+    completions = [row[:n].tolist() for row, n in zip(out.completion_ids, out.lengths)]
+    batch = CompletionBatch.from_lists([i for i in ids for _ in range(4)], completions, tokenizer.pad_token_id)
+    with torch.no_grad():
+        fresh, _ = completion_logprobs(model, *batch.as_inputs(), temperature=0.7)
+    torch.testing.assert_close(fresh * batch.completion_mask, out.logprobs, atol=1e-5, rtol=0)
+
+
+def test_sampling_is_reproducible_from_the_generator_seed(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    ids = encode_prompts(tokenizer, PROMPTS)
+    draws = [sample(model, ids, group_size=4, max_new_tokens=8, eos_ids=[tokenizer.eos_token_id],
+                    pad_id=tokenizer.pad_token_id, generator=torch.Generator().manual_seed(seed)).completion_ids
+             for seed in (1, 1, 2)]
+    assert torch.equal(draws[0], draws[1])
+    assert not torch.equal(draws[0], draws[2])
+
+
+def test_a_sequence_stops_at_eos_and_is_padded_after_it(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    ids = encode_prompts(tokenizer, PROMPTS)
+    # Make every token an eos candidate by naming the model's likeliest tokens as eos ids.
+    probe = sample(model, ids, group_size=1, max_new_tokens=1, eos_ids=[tokenizer.eos_token_id],
+                   pad_id=tokenizer.pad_token_id, greedy=True).completion_ids[:, 0].tolist()
+    out = sample(model, ids, group_size=2, max_new_tokens=8, eos_ids=probe, pad_id=tokenizer.pad_token_id,
+                 greedy=True)
+    assert out.lengths.tolist() == [1] * 6
+    assert out.stopped.all()
+    assert out.completion_ids.shape[1] == 1  # the batch stopped as soon as all had ended
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = torch.isfinite(top_p_filter(logits, 0.7))
+    assert kept.tolist() == [[True, True, False, False]]
+    assert torch.isfinite(top_p_filter(logits, 0.1)).tolist() == [[True, False, False, False]]
+    assert torch.equal(top_p_filter(logits, 1.0), logits)
