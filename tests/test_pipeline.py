@@ -1,0 +1,134 @@
+"""The whole pipeline through the CLI on a tiny config: artefacts, their contracts, and re-runs."""
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from flows.cli import app
+from stages.artifacts import Layout, tree_digest
+from stages.batching import CompletionBatch, pad_to
+from stages.config import load_params
+from stages.generation import completion_logprobs
+from stages.modeling import load_pretrained
+from stages.objective import group_advantages, grpo_loss
+
+from conftest import ROOT, TINY
+
+ROLLOUT_COLUMNS = {"iteration", "prompt_id", "sample", "prompt", "completion", "prompt_ids", "completion_ids",
+                   "logprobs", "finish_reason", "completion_length"}
+ITERATION_COLUMNS = {"reward", "rewards/accuracy", "rewards/format", "rewards/language", "kl", "clip_ratio/low",
+                     "clip_ratio/high", "entropy", "completions/min_length", "completions/mean_length",
+                     "completions/max_length", "completions/clipped_ratio", "frac_reward_zero_std", "loss",
+                     "grad_norm", "seconds/rollout", "seconds/reward", "seconds/advantage", "seconds/update"}
+
+
+def cli(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """One tiny run, shared by the tests that only read it. One minibatch, so the loss is recomputable."""
+    root = tmp_path_factory.mktemp("project")
+    overrides = [*TINY, "grpo.minibatch_size=16", "grpo.beta=0.1"]
+    cli("run", "--params", ROOT / "params.yaml", "--root", root, *[x for o in overrides for x in ("--set", o)])
+    return root, overrides
+
+
+def test_every_iteration_writes_its_artefacts_and_manifest_last(project):
+    root, overrides = project
+    layout = Layout(root)
+    params = load_params(ROOT / "params.yaml", overrides)
+    for iteration in (1, 2):
+        folder = layout.iteration(iteration)
+        manifest = json.loads((folder / "manifest.json").read_text())
+        for name, digest in manifest["outputs"].items():
+            assert tree_digest(folder / name) == digest
+        assert (folder / "manifest.json").stat().st_mtime_ns >= max(
+            (folder / n).stat().st_mtime_ns for n in manifest["outputs"])
+    assert sorted(p.name for p in (layout.runs / "checkpoints").iterdir()) == ["0001", "0002"]
+    assert (layout.policy / "model.safetensors").is_file()
+    assert len(pd.read_csv(layout.metrics / "iterations.csv")) == params.grpo.iterations
+
+
+def test_rollouts_hold_g_samples_per_prompt_with_token_level_logprobs(project):
+    root, overrides = project
+    params = load_params(ROOT / "params.yaml", overrides)
+    rollouts = pd.read_parquet(Layout(root).iteration(1) / "rollouts.parquet")
+    assert ROLLOUT_COLUMNS <= set(rollouts.columns)
+    assert len(rollouts) == params.rollout.prompts_per_iteration * params.rollout.group_size
+    assert all(sorted(samples) == [0, 1, 2, 3] for samples in rollouts.groupby("prompt_id")["sample"].apply(list))
+    assert (rollouts["logprobs"].map(len) == rollouts["completion_length"]).all()
+    assert (rollouts["completion_ids"].map(len) == rollouts["completion_length"]).all()
+    assert set(rollouts["finish_reason"]) <= {"stop", "length"}
+    truncated = rollouts["finish_reason"] == "length"
+    assert (rollouts.loc[truncated, "completion_length"] == params.rollout.max_new_tokens).all()
+
+
+def test_advantages_are_the_group_relative_rewards(project):
+    root, _ = project
+    folder = Layout(root).iteration(1)
+    rewards = pd.read_parquet(folder / "rewards.parquet")
+    advantages = pd.read_parquet(folder / "advantages.parquet")
+    assert {"accuracy", "format", "language", "reward"} <= set(rewards.columns)
+    merged = rewards.merge(advantages, on=["prompt_id", "sample"]).sort_values(["prompt_id", "sample"])
+    matrix = torch.tensor(merged["reward"].to_numpy()).view(-1, 4)
+    torch.testing.assert_close(torch.tensor(merged["advantage"].to_numpy()).view(-1, 4), group_advantages(matrix))
+
+
+def test_an_iterations_loss_can_be_recomputed_from_its_files(project):
+    root, overrides = project
+    layout, params = Layout(root), load_params(ROOT / "params.yaml", overrides)
+    folder = layout.iteration(1)
+    rollouts = pd.read_parquet(folder / "rollouts.parquet").merge(
+        pd.read_parquet(folder / "advantages.parquet"), on=["prompt_id", "sample"])
+    reference, tokenizer = load_pretrained(layout.reference, params.model, torch.device("cpu"))
+    batch = CompletionBatch.from_lists([list(p) for p in rollouts["prompt_ids"]],
+                                       [list(c) for c in rollouts["completion_ids"]], tokenizer.pad_token_id)
+    with torch.no_grad():  # iteration 1 starts from the reference: policy = reference = sampler
+        logp, _ = completion_logprobs(reference, *batch.as_inputs())
+    old_logp = pad_to([list(x) for x in rollouts["logprobs"]], batch.completion_ids.shape[1])
+    loss, stats = grpo_loss(logp, old_logp, logp, torch.tensor(rollouts["advantage"].to_numpy(), dtype=torch.float32),
+                            batch.completion_mask.float(), beta=params.grpo.beta, loss_agg=params.grpo.loss_agg)
+    recorded = json.loads((folder / "update.json").read_text())
+    assert loss.item() == pytest.approx(recorded["loss"], abs=1e-5)
+    assert recorded["kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_eval_metrics_are_fractions_for_reference_and_policy(project):
+    root, _ = project
+    metrics = json.loads((Layout(root).metrics / "eval.json").read_text())
+    for key in ("reference_accuracy", "policy_accuracy", "reference_format_rate", "policy_format_rate"):
+        assert 0.0 <= metrics[key] <= 1.0
+
+
+def test_a_rerun_skips_done_iterations_and_a_changed_knob_redoes_them(tiny_overrides, tmp_path):
+    args = ["--params", ROOT / "params.yaml", "--root", tmp_path, *[x for o in tiny_overrides for x in ("--set", o)]]
+    cli("run", *args)
+    layout = Layout(tmp_path)
+    before = {i: tree_digest(layout.iteration(i)) for i in (1, 2)}
+    again = cli("train", *args)
+    assert "resuming after iteration 2" in again.output
+    assert {i: tree_digest(layout.iteration(i)) for i in (1, 2)} == before
+
+    changed = cli("train", *args, "--set", "grpo.beta=0.0")
+    assert "resuming" not in changed.output
+    update = json.loads((layout.iteration(1) / "update.json").read_text())
+    assert "kl" not in update  # beta = 0: the reference never ran
+
+
+def test_bad_params_exit_non_zero_with_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "prepare", "--params", str(ROOT / "params.yaml"), "--root", str(tmp_path),
+         "--set", "rollout.group_size=1"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: params: rollout.group_size: Input should be greater than or equal to 2"]
+    assert not (tmp_path / "data").exists()
