@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, List, Optional
@@ -37,32 +38,42 @@ def _run(step: Callable[[Params, Layout], Any], params_file: Path, overrides: Op
     return result
 
 
-def _prepare(params: Params, layout: Layout) -> Any:
+def prepare_step(params: Params, layout: Layout) -> Any:
     from stages.prepare import prepare
     return prepare(params, layout)
 
 
-def _reference(params: Params, layout: Layout) -> Any:
+def reference_step(params: Params, layout: Layout) -> Any:
     from stages.reference import reference
     return reference(params, layout)
 
 
-def _train(params: Params, layout: Layout) -> Any:
+def train_step(params: Params, layout: Layout) -> Any:
+    from prefect import tags
+
     from flows.train import train
-    return train(params, layout, log=lambda line: typer.echo(line, err=True))
+
+    # A run triggered from the Prefect deployment passes its flow run id down through DVC.
+    parent = os.environ.get("GRPO_PARENT_FLOW_RUN_ID")
+    with tags(*([f"triggered-by:{parent}"] if parent else [])):
+        return train(params, layout)
 
 
-def _evaluate(params: Params, layout: Layout) -> Any:
+def evaluate_step(params: Params, layout: Layout) -> Any:
+    from flows.tracking import log_evaluation
     from stages.evaluate import evaluate
-    return evaluate(params, layout)
+
+    metrics = evaluate(params, layout)
+    log_evaluation(layout, metrics)
+    return metrics
 
 
-def _pipeline(params: Params, layout: Layout) -> Any:
-    for name, step in (("prepare", _prepare), ("reference", _reference), ("train", _train)):
+def pipeline(params: Params, layout: Layout) -> Any:
+    for name, step in (("prepare", prepare_step), ("reference", reference_step), ("train", train_step)):
         typer.echo(f"== {name}", err=True)
         step(params, layout)
     typer.echo("== evaluate", err=True)
-    return _evaluate(params, layout)
+    return evaluate_step(params, layout)
 
 
 def _command(name: str, step: Callable[[Params, Layout], Any], doc: str) -> None:
@@ -72,11 +83,11 @@ def _command(name: str, step: Callable[[Params, Layout], Any], doc: str) -> None
     app.command(name)(command)
 
 
-_command("prepare", _prepare, "Write data/prompts/{train,test}.parquet (built-in task or data.source).")
-_command("reference", _reference, "Build + SFT the tiny model, or validate model.path → models/reference/.")
-_command("train", _train, "Run the GRPO iterations (resumes from the last complete one) → models/policy/.")
-_command("evaluate", _evaluate, "Greedy accuracy of reference and policy on held-out prompts → metrics/eval.json.")
-_command("run", _pipeline, "The whole pipeline: prepare → reference → train → evaluate.")
+_command("prepare", prepare_step, "Write data/prompts/{train,test}.parquet (built-in task or data.source).")
+_command("reference", reference_step, "Build + SFT the tiny model, or validate model.path → models/reference/.")
+_command("train", train_step, "Run the GRPO iterations (resumes from the last complete one) → models/policy/.")
+_command("evaluate", evaluate_step, "Greedy accuracy of reference and policy on held-out prompts → metrics/eval.json.")
+_command("run", pipeline, "The whole pipeline: prepare → reference → train → evaluate.")
 
 
 def main() -> None:  # pragma: no cover - console entry

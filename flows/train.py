@@ -1,18 +1,34 @@
-"""The GRPO loop: rollout → reward → advantage → update, once per iteration, resumable."""
+"""The GRPO loop as a Prefect flow: one sub-flow per iteration, one task per stage.
+
+    grpo-train
+      iteration-0001: rollout → reward → advantage → update
+      iteration-0002: ...
+
+The stages are plain functions from `stages/`; this module owns the order, retries, the
+resume point, logging and MLflow tracking. Resuming is decided from the manifests on
+disk, so a re-run after any crash picks up after the last complete iteration.
+"""
 
 from __future__ import annotations
 
 import shutil
 import time
-from typing import Any, Callable
+from typing import Any
 
 import torch
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 from transformers import PreTrainedModel
 
+from flows.tracking import Tracker, sample_table
 from stages.advantage import advantage
 from stages.artifacts import Layout
 from stages.checkpoints import load_optimizer_state, prune
 from stages.config import Params
+from stages.errors import PipelineError
 from stages.manifest import (checkpoint_path, completed_iterations, read_manifest, resume_point,
                              training_fingerprint, write_manifest)
 from stages.modeling import configure_threads, load_model, load_tokenizer, resolve_device, save_model
@@ -21,7 +37,55 @@ from stages.reward import reward
 from stages.rollout import rollout
 from stages.update import TrainState, make_optimizer, update
 
-Log = Callable[[str], None]
+
+def transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry crashes of the machinery, never a mistake in the user's input (it would fail again)."""
+    try:
+        state.result()
+    except PipelineError:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+# Tasks hold models and optimizers: nothing to cache or persist, and results stay in memory.
+STAGE = dict(cache_policy=NO_CACHE, persist_result=False)
+
+
+@task(name="rollout", retries=2, retry_delay_seconds=1, retry_condition_fn=transient, **STAGE)
+def rollout_task(params: Params, layout: Layout, iteration: int, state: TrainState) -> dict[str, Any]:
+    return rollout(params, layout, iteration, state.model, state.tokenizer)
+
+
+@task(name="reward", retries=2, retry_delay_seconds=1, retry_condition_fn=transient, **STAGE)
+def reward_task(params: Params, layout: Layout, iteration: int) -> dict[str, Any]:
+    return reward(params.reward, layout, iteration)
+
+
+@task(name="advantage", **STAGE)
+def advantage_task(params: Params, layout: Layout, iteration: int) -> dict[str, Any]:
+    return advantage(params.grpo, params.rollout.group_size, layout, iteration)
+
+
+@task(name="update", **STAGE)  # no retries: it steps the in-memory optimizer
+def update_task(params: Params, layout: Layout, iteration: int, state: TrainState,
+                reference: PreTrainedModel | None) -> dict[str, Any]:
+    return update(params, layout, iteration, state, reference)
+
+
+@flow(name="grpo-iteration", flow_run_name="iteration-{iteration:04d}", validate_parameters=False,
+      persist_result=False)
+def iteration_flow(params: Params, layout: Layout, iteration: int, state: TrainState,
+                   reference: PreTrainedModel | None) -> dict[str, Any]:
+    started = time.perf_counter()
+    metrics: dict[str, Any] = {}
+    metrics |= rollout_task(params, layout, iteration, state)
+    metrics |= reward_task(params, layout, iteration)
+    metrics |= advantage_task(params, layout, iteration)
+    metrics |= update_task(params, layout, iteration, state, reference)
+    metrics["seconds/iteration"] = time.perf_counter() - started
+    return metrics
 
 
 def discard_after(layout: Layout, iteration: int) -> None:
@@ -43,45 +107,49 @@ def load_train_state(params: Params, layout: Layout, start: int) -> TrainState:
     return state
 
 
-def run_iteration(params: Params, layout: Layout, iteration: int, state: TrainState,
-                  reference: PreTrainedModel | None) -> dict[str, Any]:
-    started = time.perf_counter()
-    metrics: dict[str, Any] = {}
-    metrics |= rollout(params, layout, iteration, state.model, state.tokenizer)
-    metrics |= reward(params.reward, layout, iteration)
-    metrics |= advantage(params.grpo, params.rollout.group_size, layout, iteration)
-    metrics |= update(params, layout, iteration, state, reference)
-    metrics["seconds/iteration"] = time.perf_counter() - started
-    return metrics
-
-
 def describe(metrics: dict[str, Any]) -> str:
     shown = ["reward", "rewards/accuracy", "kl", "completions/mean_length", "seconds/iteration"]
     return "  ".join(f"{key} {metrics[key]:.4g}" for key in shown if key in metrics)
 
 
-def train(params: Params, layout: Layout, log: Log = print) -> dict[str, Any]:
+@flow(name="grpo-train", validate_parameters=False, persist_result=False)
+def train(params: Params, layout: Layout, run_name: str | None = None) -> dict[str, Any]:
+    logger = get_run_logger()
     configure_threads(params)
     fingerprint = training_fingerprint(params, layout)
     done = completed_iterations(layout, fingerprint, params.grpo.iterations)
     start = resume_point(layout, done)
     done = done[:start]
     if start:
-        log(f"resuming after iteration {start} (its outputs and checkpoint match this run)")
+        logger.info("resuming after iteration %d (its outputs and checkpoint match this run)", start)
     discard_after(layout, start)
     state = load_train_state(params, layout, start)
     reference = None
     if params.grpo.beta != 0.0:
         reference = load_model(layout.reference, params.model, state.model.device).eval()
 
-    for iteration in range(start + 1, params.grpo.iterations + 1):
-        started_from = done[-1]["checkpoint"] if done else fingerprint["reference"]
-        metrics = run_iteration(params, layout, iteration, state, reference)
-        write_manifest(layout, iteration, fingerprint, started_from, metrics)
-        done.append(read_manifest(layout, iteration))
-        prune(layout.runs / "checkpoints", params.checkpoints.keep_last)
+    tracker = Tracker(params, layout, prefect_flow_run_id=flow_run.get_id(), run_name=run_name)
+    for manifest in done:  # a resumed run still shows the whole curve
+        tracker.log_iteration(manifest["iteration"], manifest["metrics"], None)
+    try:
+        # The heartbeat thread of a sub-flow costs up to a second to stop; the parent's is enough.
+        with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+            for iteration in range(start + 1, params.grpo.iterations + 1):
+                started_from = done[-1]["checkpoint"] if done else fingerprint["reference"]
+                metrics = iteration_flow(params, layout, iteration, state, reference)
+                write_manifest(layout, iteration, fingerprint, started_from, metrics)
+                done.append(read_manifest(layout, iteration))
+                prune(layout.runs / "checkpoints", params.checkpoints.keep_last)
+                summary = write_training_metrics(layout, done)
+                tracker.log_iteration(iteration, metrics, sample_table(layout, iteration, params.eval.samples_logged))
+                logger.info("iteration %d/%d: %s", iteration, params.grpo.iterations, describe(summary))
+        save_model(state.model, state.tokenizer, layout.policy)
         summary = write_training_metrics(layout, done)
-        log(f"iteration {iteration}/{params.grpo.iterations}: " + describe(summary))
-
-    save_model(state.model, state.tokenizer, layout.policy)
-    return write_training_metrics(layout, done)
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish()
+    if done:
+        create_table_artifact([{"iteration": m["iteration"], **{k: round(float(v), 4) for k, v in m["metrics"].items()}}
+                               for m in done], key="grpo-iterations", description="Metrics per GRPO iteration")
+    return summary

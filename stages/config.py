@@ -25,6 +25,7 @@ class BuiltinTask(Section):
     test_size: int = Field(gt=0)
     min_operand: int = Field(ge=0)
     max_operand: int = Field(gt=0)
+    slip_rate: float = Field(ge=0, le=1)  # share of SFT demonstrations with the answer's digits reversed
 
     @model_validator(mode="after")
     def _operands_ordered(self) -> BuiltinTask:

@@ -1,7 +1,8 @@
 """prepare: the prompts, split into train and held-out test → data/prompts/{train,test}.parquet.
 
-Columns: prompt_id, prompt, answer, solution. `solution` is the worked reasoning the SFT
-stage imitates (empty when a user's file has none).
+Columns: prompt_id, prompt, answer, demonstration. `demonstration` is the completion the
+SFT stage imitates, `<think>reasoning</think><answer>answer</answer>` (the reasoning is
+empty when a user's file has none).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from stages.artifacts import Layout, write_parquet
 from stages.config import DataConfig, Params
 from stages.errors import DataError
 
-COLUMNS = ["prompt_id", "prompt", "answer", "solution"]
+COLUMNS = ["prompt_id", "prompt", "answer", "demonstration"]
 
 
 def column_steps(a: int, op: str, b: int) -> str:
@@ -41,6 +42,10 @@ def column_steps(a: int, op: str, b: int) -> str:
     return " ".join(steps)
 
 
+def demonstration(reasoning: str, answer: str) -> str:
+    return f"<think>{reasoning}</think><answer>{answer}</answer>"
+
+
 def arithmetic_problems(cfg: DataConfig, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Distinct `a + b` / `a - b` problems (non-negative results), shuffled by the seed."""
     task = cfg.builtin
@@ -53,15 +58,19 @@ def arithmetic_problems(cfg: DataConfig, seed: int) -> tuple[pd.DataFrame, pd.Da
             f"data.builtin: train_size + test_size = {needed} exceeds the "
             f"{len(problems)} distinct problems in [{task.min_operand}, {task.max_operand}]"
         )
-    order = np.random.default_rng(seed).permutation(len(problems))[:needed]
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(problems))[:needed]
+    slips = rng.random(needed) < task.slip_rate
     rows = []
-    for a, op, b in (problems[i] for i in order):
-        result = a + b if op == "+" else a - b
+    for (a, op, b), slip in zip((problems[i] for i in order), slips):
+        result = str(a + b if op == "+" else a - b)
+        # The slip: digits written in the order the columns were worked, units first.
+        written = result[::-1] if slip else result
         rows.append({
             "prompt_id": f"{a}{op}{b}",
             "prompt": f"What is {a} {op} {b}?",
-            "answer": str(result),
-            "solution": column_steps(a, op, b),
+            "answer": result,
+            "demonstration": demonstration(column_steps(a, op, b), written),
         })
     frame = pd.DataFrame(rows, columns=COLUMNS)
     # Test first, so growing train_size never moves a problem from test into train.
@@ -119,7 +128,7 @@ def user_problems(path: Path, cfg: DataConfig, seed: int) -> tuple[pd.DataFrame,
         "prompt_id": ids.to_numpy(),
         "prompt": frame["prompt"].astype(str).to_numpy(),
         "answer": list(finals),
-        "solution": list(reasonings),
+        "demonstration": [demonstration(r, a) for r, a in zip(reasonings, finals)],
     })
     if len(problems) < 2:
         raise DataError(f"data.source: {path} needs at least 2 rows to hold some out for testing")

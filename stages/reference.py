@@ -26,14 +26,9 @@ from stages.modeling import (build_tiny_model, build_tokenizer, configure_thread
                              load_pretrained, resolve_device, save_model)
 
 
-def solution_text(solution: str, answer: str) -> str:
-    return f"<think>{solution}</think><answer>{answer}</answer>"
-
-
 def sft_examples(frame: pd.DataFrame, tokenizer: PreTrainedTokenizerBase) -> tuple[list[list[int]], list[list[int]]]:
     prompts = encode_prompts(tokenizer, frame["prompt"].tolist())
-    targets = [solution_text(s, a) for s, a in zip(frame["solution"], frame["answer"])]
-    completions = tokenizer(targets, add_special_tokens=False)["input_ids"]
+    completions = tokenizer(frame["demonstration"].tolist(), add_special_tokens=False)["input_ids"]
     return prompts, [c + [tokenizer.eos_token_id] for c in completions]
 
 

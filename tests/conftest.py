@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+_STATE = tempfile.mkdtemp(prefix="grpo-tests-")
+
+# Before prefect/mlflow are imported: keep their state out of the user's home and the repo.
+os.environ.setdefault("PREFECT_HOME", os.path.join(_STATE, "prefect"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{os.path.join(_STATE, 'mlflow.db')}")
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

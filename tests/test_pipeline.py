@@ -7,9 +7,8 @@ import sys
 import pandas as pd
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from flows.cli import app
+from flows.cli import pipeline, train_step
 from stages.artifacts import Layout, tree_digest
 from stages.batching import CompletionBatch, pad_to
 from stages.config import load_params
@@ -27,18 +26,12 @@ ITERATION_COLUMNS = {"reward", "rewards/accuracy", "rewards/format", "rewards/la
                      "grad_norm", "seconds/rollout", "seconds/reward", "seconds/advantage", "seconds/update"}
 
 
-def cli(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """One tiny run, shared by the tests that only read it. One minibatch, so the loss is recomputable."""
     root = tmp_path_factory.mktemp("project")
     overrides = [*TINY, "grpo.minibatch_size=16", "grpo.beta=0.1"]
-    cli("run", "--params", ROOT / "params.yaml", "--root", root, *[x for o in overrides for x in ("--set", o)])
+    pipeline(load_params(ROOT / "params.yaml", overrides), Layout(root))
     return root, overrides
 
 
@@ -109,17 +102,19 @@ def test_eval_metrics_are_fractions_for_reference_and_policy(project):
         assert 0.0 <= metrics[key] <= 1.0
 
 
-def test_a_rerun_skips_done_iterations_and_a_changed_knob_redoes_them(tiny_overrides, tmp_path):
-    args = ["--params", ROOT / "params.yaml", "--root", tmp_path, *[x for o in tiny_overrides for x in ("--set", o)]]
-    cli("run", *args)
+def test_a_rerun_skips_done_iterations_and_a_changed_knob_redoes_them(tiny_params, tmp_path):
     layout = Layout(tmp_path)
+    pipeline(tiny_params, layout)
+    manifests = [layout.iteration(i) / "manifest.json" for i in (1, 2)]
+    written = [m.stat().st_mtime_ns for m in manifests]
     before = {i: tree_digest(layout.iteration(i)) for i in (1, 2)}
-    again = cli("train", *args)
-    assert "resuming after iteration 2" in again.output
+
+    train_step(tiny_params, layout)
+    assert [m.stat().st_mtime_ns for m in manifests] == written  # nothing redone
     assert {i: tree_digest(layout.iteration(i)) for i in (1, 2)} == before
 
-    changed = cli("train", *args, "--set", "grpo.beta=0.0")
-    assert "resuming" not in changed.output
+    train_step(tiny_params.model_copy(update={"grpo": tiny_params.grpo.model_copy(update={"beta": 0.0})}), layout)
+    assert all(m.stat().st_mtime_ns > w for m, w in zip(manifests, written))
     update = json.loads((layout.iteration(1) / "update.json").read_text())
     assert "kl" not in update  # beta = 0: the reference never ran
 

@@ -25,7 +25,18 @@ def test_builtin_task_is_deterministic_disjoint_and_correct(tiny_params, tmp_pat
     row = train.iloc[0]
     a, op, b = row["prompt"].removeprefix("What is ").removesuffix("?").split(" ")
     assert int(row["answer"]) == (int(a) + int(b) if op == "+" else int(a) - int(b))
-    assert row["solution"] == column_steps(int(a), op, int(b))
+    working = column_steps(int(a), op, int(b))
+    assert row["demonstration"] in (f"<think>{working}</think><answer>{row['answer']}</answer>",
+                                    f"<think>{working}</think><answer>{row['answer'][::-1]}</answer>")
+
+
+def test_a_share_of_demonstrations_slip_by_reversing_the_answer(tiny_params, tmp_path):
+    prepare(tiny_params, Layout(tmp_path))
+    train, _ = _read(Layout(tmp_path))
+    slipped = train[train["answer"].str.len() > 1].apply(
+        lambda row: row["demonstration"].endswith(f"<answer>{row['answer'][::-1]}</answer>")
+        and row["answer"] != row["answer"][::-1], axis=1)
+    assert abs(slipped.mean() - tiny_params.data.builtin.slip_rate) < 0.15
 
 
 @pytest.mark.parametrize("a, op, b, working", [
@@ -56,7 +67,7 @@ def test_a_gsm8k_style_jsonl_file_is_split_into_answer_and_reasoning(tiny_params
     assert counts == {"train_prompts": 18, "test_prompts": 2}
     both = pd.concat([train, test]).set_index("prompt")
     assert both.loc["Q7?", "answer"] == "7000"
-    assert both.loc["Q7?", "solution"] == "Think 7 times."
+    assert both.loc["Q7?", "demonstration"] == "<think>Think 7 times.</think><answer>7000</answer>"
     assert not set(train["prompt_id"]) & set(test["prompt_id"])
 
 
