@@ -1,0 +1,12 @@
+"""Orchestration: the Prefect flows, MLflow tracking and the CLI over the plain stages."""
+
+import os
+from pathlib import Path
+
+from flows.paths import project_root
+
+# Before Prefect is imported anywhere: its database and results live with the project (not
+# in the user's home), and nothing phones home. Explicit settings by the user win.
+os.environ.setdefault("PREFECT_HOME", str(project_root(Path.cwd()) / ".prefect"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")

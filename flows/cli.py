@@ -90,6 +90,37 @@ _command("evaluate", evaluate_step, "Greedy accuracy of reference and policy on 
 _command("run", pipeline, "The whole pipeline: prepare → reference → train → evaluate.")
 
 
+@app.command("compare")
+def compare(
+    runs: Optional[List[str]] = typer.Argument(None, help="MLflow run ids or names (default: the last two)"),
+    root: Path = RootOption,
+    plot: Path = typer.Option(Path("metrics/compare.png"), help="where to write the reward/accuracy curves"),
+) -> None:
+    """Differing params, final and best metrics side by side, and a PNG of the curves."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from flows.compare import differing_params, metric_summary, plot_curves, resolve_runs
+
+    try:
+        chosen = resolve_runs(root.resolve(), runs or [])
+    except ValueError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
+    console = Console(width=160)
+    for title, frame in (("params that differ", differing_params(chosen)),
+                         ("metrics (final / best)", metric_summary(root.resolve(), chosen))):
+        table = Table(title=title)
+        table.add_column("")
+        for column in frame.columns:
+            table.add_column(str(column), justify="right")
+        for index, row in frame.iterrows():
+            table.add_row(str(index), *(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row))
+        console.print(table)
+    target = plot if plot.is_absolute() else root.resolve() / plot
+    console.print(f"curves: {plot_curves(root.resolve(), chosen, target)}")
+
+
 def main() -> None:  # pragma: no cover - console entry
     sys.exit(app())
 

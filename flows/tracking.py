@@ -14,20 +14,12 @@ from typing import Any
 
 import pandas as pd
 
+from flows.paths import project_root
 from stages.artifacts import Layout, read_json, write_json
 from stages.config import Params, flatten
 
 EXPERIMENT = os.environ.get("GRPO_MLFLOW_EXPERIMENT", "grpo")
 TRACKING_FILE = "tracking.json"  # under runs/: which MLflow run and Prefect flow run this is
-
-
-def project_root(path: Path) -> Path:
-    """The repository a (possibly temporary, DVC-made) working copy belongs to."""
-    parts = path.resolve().parts
-    for i in range(len(parts) - 3):
-        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
-            return Path(*parts[:i])
-    return path.resolve()
 
 
 def tracking_uri(root: Path) -> str:

@@ -25,10 +25,11 @@ TINY = [
     "data.builtin.train_size=200", "data.builtin.test_size=20",
     "model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2",
     "model.tiny.intermediate_size=64",
-    "sft.steps=5", "sft.batch_size=16",
-    "rollout.prompts_per_iteration=4", "rollout.group_size=4", "rollout.max_new_tokens=12",
+    # Enough SFT that sampled completions sometimes have the format: a reward signal to learn from.
+    "sft.steps=60", "sft.batch_size=16", "sft.lr=0.01",
+    "rollout.prompts_per_iteration=4", "rollout.group_size=4", "rollout.max_new_tokens=24",
     "grpo.iterations=2", "grpo.minibatch_size=8", "grpo.lr=0.001",
-    "eval.max_new_tokens=12",
+    "eval.max_new_tokens=24",
 ]
 
 

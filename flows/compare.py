@@ -1,0 +1,94 @@
+"""Compare MLflow runs: the params that differ, final and best metrics, curves as a PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from flows.tracking import EXPERIMENT, _mlflow
+
+CURVES = ["reward", "rewards/accuracy"]
+SUMMARY = ["reward", "rewards/accuracy", "kl", "entropy", "completions/mean_length", "seconds/iteration",
+           "eval/reference_accuracy", "eval/policy_accuracy", "eval/policy_format_rate"]
+
+
+def _lower_is_better(metric: str) -> bool:
+    return any(word in metric for word in ("kl", "loss", "seconds", "length"))
+
+
+def resolve_runs(root: Path, refs: list[str]) -> list[Any]:
+    """Runs by id or name; with no refs, the two most recent runs of the experiment."""
+    mlflow = _mlflow(root)
+    client = mlflow.MlflowClient()
+    experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        raise ValueError(f"no MLflow experiment {EXPERIMENT!r} in this store: run the pipeline first")
+    if not refs:
+        runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=2)
+        if len(runs) < 2:
+            raise ValueError(f"compare needs two runs; the store has {len(runs)}")
+        return list(reversed(runs))
+    resolved = []
+    for ref in refs:
+        found = client.search_runs([experiment.experiment_id], filter_string=f"attributes.run_name = '{ref}'",
+                                   order_by=["attributes.start_time DESC"], max_results=1)
+        if not found:
+            try:
+                found = [client.get_run(ref)]
+            except Exception:
+                raise ValueError(f"compare: no run with id or name {ref!r}") from None
+        resolved.append(found[0])
+    return resolved
+
+
+def label(run: Any) -> str:
+    return run.info.run_name or run.info.run_id[:8]
+
+
+def differing_params(runs: list[Any]) -> pd.DataFrame:
+    keys = sorted(set().union(*(run.data.params for run in runs)))
+    rows = {key: [run.data.params.get(key, "—") for run in runs] for key in keys}
+    table = pd.DataFrame(rows, index=[label(r) for r in runs]).T
+    return table[table.nunique(axis=1) > 1]
+
+
+def metric_summary(root: Path, runs: list[Any]) -> pd.DataFrame:
+    client = _mlflow(root).MlflowClient()
+    rows = []
+    for metric in SUMMARY:
+        row: dict[str, Any] = {"metric": metric}
+        for run in runs:
+            history = client.get_metric_history(run.info.run_id, metric)
+            if not history:
+                continue
+            values = [m.value for m in sorted(history, key=lambda m: m.step)]
+            best = min(values) if _lower_is_better(metric) else max(values)
+            row[f"{label(run)} final"] = values[-1]
+            row[f"{label(run)} best"] = best
+        if len(row) > 1:
+            rows.append(row)
+    return pd.DataFrame(rows).set_index("metric") if rows else pd.DataFrame()
+
+
+def plot_curves(root: Path, runs: list[Any], target: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: write the PNG only
+    import matplotlib.pyplot as plt
+
+    client = _mlflow(root).MlflowClient()
+    figure, axes = plt.subplots(1, len(CURVES), figsize=(6 * len(CURVES), 4))
+    for axis, metric in zip(axes, CURVES):
+        for run in runs:
+            history = sorted(client.get_metric_history(run.info.run_id, metric), key=lambda m: m.step)
+            axis.plot([m.step for m in history], [m.value for m in history], label=label(run))
+        axis.set(title=metric, xlabel="iteration")
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(target, dpi=100)
+    plt.close(figure)
+    return target

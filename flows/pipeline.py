@@ -1,0 +1,80 @@
+"""The deployable pipeline: one Prefect flow run = one DVC experiment = one MLflow run.
+
+A triggered run goes through `dvc exp run --temp`: DVC runs prepare → reference → train →
+evaluate in a temporary copy of the repository, reuses unchanged stages from its run cache,
+never touches the workspace (so `dvc repro` results stay intact) and records the run as an
+experiment. Two triggered runs never clobber each other: each has its own copy.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+from typing import Any, Union
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+
+from flows.paths import project_root
+
+Scalar = Union[str, int, float, bool]
+_FAILED_STAGE = re.compile(r"failed to reproduce '([^']+)'")
+
+
+class StageFailed(RuntimeError):
+    """A DVC stage failed; the message names it and its last error line."""
+
+
+def exp_run_command(overrides: dict[str, Scalar], name: str) -> list[str]:
+    command = ["dvc", "exp", "run", "--temp", "--name", name]
+    for key, value in sorted(overrides.items()):
+        rendered = str(value).lower() if isinstance(value, bool) else str(value)
+        command += ["-S", f"{key}={rendered}"]
+    return command
+
+
+def experiment_name(run_name: str | None) -> str:
+    """A valid, unique git ref name: the user's name or the Prefect flow run's."""
+    raw = run_name or f"prefect-{flow_run.get_name() or 'run'}"
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", raw).strip("-.") or "prefect-run"
+
+
+@task(name="dvc-exp-run", cache_policy=NO_CACHE, persist_result=False)
+def dvc_exp_run(root: Path, overrides: dict[str, Scalar], name: str, parent_flow_run_id: str | None) -> str:
+    logger = get_run_logger()
+    command = exp_run_command(overrides, name)
+    logger.info("running %s in %s", " ".join(command), root)
+    env = {**os.environ, "GRPO_RUN_NAME": name, "DVC_NO_ANALYTICS": "1"}
+    if parent_flow_run_id:
+        env["GRPO_PARENT_FLOW_RUN_ID"] = parent_flow_run_id
+    process = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, bufsize=1)
+    tail: list[str] = []
+    assert process.stdout is not None
+    for line in process.stdout:
+        line = line.rstrip()
+        if line:
+            logger.info(line)
+            tail = (tail + [line])[-50:]
+    if process.wait() != 0:
+        stage = next((m.group(1) for line in tail for m in [_FAILED_STAGE.search(line)] if m), None)
+        errors = [line for line in tail if line.startswith(("error:", "ERROR"))]
+        reason = errors[0] if errors else (tail[-1] if tail else f"exit code {process.returncode}")
+        raise StageFailed(f"stage '{stage or 'unknown'}' failed: {reason}")
+    return name
+
+
+@flow(name="grpo-pipeline", persist_result=False)
+def grpo_pipeline(overrides: dict[str, Scalar] | None = None, run_name: str | None = None) -> dict[str, Any]:
+    """prepare → reference → train → evaluate as a DVC experiment.
+
+    overrides: params.yaml keys to change for this run, e.g. {"grpo.beta": 0.0}.
+    run_name: the DVC experiment and MLflow run name (default: the flow run's name).
+    """
+    root = project_root(Path.cwd())
+    name = experiment_name(run_name)
+    dvc_exp_run(root, dict(overrides or {}), name, flow_run.get_id())
+    return {"experiment": name, "overrides": dict(overrides or {})}

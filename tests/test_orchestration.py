@@ -1,0 +1,226 @@
+"""The three ways a user drives the pipeline, with the real tools: `dvc repro`, a Prefect
+deployment triggered on a real server, and MLflow runs compared by the `compare` command."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, TINY
+
+BIN = Path(sys.executable).parent
+
+
+def _run(command, cwd, env, timeout=600, check=True):
+    env = {**env, "PWD": str(cwd)}  # as a shell would set it: prefect.yaml reads {{ $PWD }}
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{command} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def _tiny_params(source: Path) -> str:
+    raw = yaml.safe_load(source.read_text())
+    from stages.config import set_key
+
+    for override in TINY:
+        key, _, value = override.partition("=")
+        set_key(raw, key, yaml.safe_load(value))
+    return yaml.safe_dump(raw, sort_keys=False)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    state = tmp_path_factory.mktemp("state")
+    environment = {k: v for k, v in os.environ.items()
+                   if not k.startswith(("PREFECT_", "MLFLOW_", "DVC_", "GRPO_", "PYTEST_"))}
+    environment.update({
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "PREFECT_HOME": str(state / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "DVC_NO_ANALYTICS": "1",
+        "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
+        "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com",
+    })
+    return environment
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, env):
+    """A git + DVC copy of this project (its working tree, as a user would clone it) on a tiny config."""
+    target = tmp_path_factory.mktemp("repo")
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for name in files:
+        if (ROOT / name).is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, target / name)
+    (target / "params.yaml").write_text(_tiny_params(ROOT / "params.yaml"))
+    _run(["git", "init", "-q", "-b", "main"], target, env)
+    _run(["git", "add", "-A"], target, env)
+    _run(["git", "commit", "-q", "-m", "tiny"], target, env)
+    return target
+
+
+def _mlflow_runs(repo: Path):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("grpo")
+    return client, client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def _stages_run(output: str) -> list[str]:
+    return [stage for stage in ("prepare", "reference", "train", "evaluate") if f"Running stage '{stage}'" in output]
+
+
+def test_dvc_repro_runs_the_dag_once_and_reruns_only_what_a_grpo_knob_touches(repo, env):
+    first = _run(["dvc", "repro"], repo, env)
+    assert _stages_run(first.stdout) == ["prepare", "reference", "train", "evaluate"]
+    metrics = json.loads((repo / "metrics" / "eval.json").read_text())
+    assert 0 <= metrics["policy_accuracy"] <= 1
+
+    again = _run(["dvc", "repro"], repo, env)
+    assert _stages_run(again.stdout) == []
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["grpo"]["lr"] = 0.002
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    changed = _run(["dvc", "repro"], repo, env)
+    assert _stages_run(changed.stdout) == ["train", "evaluate"]
+    diff = _run(["dvc", "params", "diff", "--json"], repo, env)
+    assert json.loads(diff.stdout)["params.yaml"]["grpo.lr"]["new"] == 0.002
+
+    client, runs = _mlflow_runs(repo)  # the default store: sqlite at the repo root
+    assert len(runs) == 2
+    latest = runs[-1]
+    assert latest.data.params["grpo.lr"] == "0.002"
+    history = client.get_metric_history(latest.info.run_id, "reward")
+    assert sorted(m.step for m in history) == [1, 2]
+    assert "eval/policy_accuracy" in latest.data.metrics
+    assert latest.data.tags["git_commit"]
+    assert client.list_artifacts(latest.info.run_id, "policy")  # the final model
+    assert client.list_artifacts(latest.info.run_id, "samples")  # completions per iteration
+
+    _run(["git", "checkout", "params.yaml"], repo, env)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def prefect_server(env, repo):
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 90
+    while True:
+        try:
+            urllib.request.urlopen(f"{api}/health", timeout=2)
+            break
+        except OSError:
+            if time.time() > deadline or server.poll() is not None:
+                server.kill()
+                raise RuntimeError("prefect server did not become healthy")
+            time.sleep(0.5)
+    client_env = {**env, "PREFECT_API_URL": api}
+    _run([str(BIN / "prefect"), "work-pool", "create", "grpo-local", "--type", "process"], repo, client_env)
+    _run([str(BIN / "prefect"), "--no-prompt", "deploy", "--name", "grpo"], repo, client_env)
+    worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "grpo-local"], cwd=repo,
+                              env=client_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    yield api, client_env
+    for process in (worker, server):
+        process.send_signal(2)  # SIGINT: a clean shutdown
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def _trigger(api: str, parameters: dict):
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        return run_deployment("grpo-pipeline/grpo", parameters=parameters, timeout=600, poll_interval=1)
+
+
+def _flow_runs_tagged(api: str, tag: str):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    async def query():
+        async with get_client() as client:
+            return await client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag])))
+
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        return asyncio.run(query())
+
+
+def test_a_triggered_deployment_is_a_dvc_experiment_and_an_mlflow_run(repo, prefect_server, env):
+    api, _ = prefect_server
+    before = (repo / "metrics" / "eval.json").read_bytes() if (repo / "metrics" / "eval.json").exists() else None
+
+    run = _trigger(api, {"overrides": {"grpo.beta": 0.0}, "run_name": "beta-zero"})
+    assert run.state.is_completed(), run.state
+
+    client, runs = _mlflow_runs(repo)
+    triggered = [r for r in runs if r.info.run_name == "beta-zero"]
+    assert len(triggered) == 1
+    mlflow_run = triggered[0]
+    assert mlflow_run.data.params["grpo.beta"] == "0.0"
+    assert sorted(m.step for m in client.get_metric_history(mlflow_run.info.run_id, "rewards/accuracy")) == [1, 2]
+    assert mlflow_run.data.tags["dvc_exp_name"] == "beta-zero"
+    assert mlflow_run.data.tags["prefect_parent_flow_run_id"] == str(run.id)
+
+    # The train stage's flow reported to the same server, linked to the triggering run.
+    children = _flow_runs_tagged(api, f"triggered-by:{run.id}")
+    assert children and all(c.state.is_completed() for c in children)
+    # grpo-train and its iteration sub-flows carry the tag; the MLflow run names the train flow run.
+    assert mlflow_run.data.tags["prefect_flow_run_id"] in {str(c.id) for c in children}
+    assert sum(c.name.startswith("iteration-") for c in children) == 2
+
+    # A DVC experiment, and the workspace untouched.
+    experiments = _run(["dvc", "exp", "show", "--json"], repo, env).stdout
+    assert "beta-zero" in experiments
+    after = (repo / "metrics" / "eval.json").read_bytes() if (repo / "metrics" / "eval.json").exists() else None
+    assert after == before
+
+
+def test_a_failing_stage_fails_the_run_and_names_the_stage(repo, prefect_server):
+    api, _ = prefect_server
+    run = _trigger(api, {"overrides": {"data.source": "missing.jsonl"}, "run_name": "broken"})
+    assert run.state.is_failed()
+    assert "stage 'prepare' failed" in run.state.message or "stage 'prepare' failed" in str(run.state.result(raise_on_failure=False))
+
+
+def test_compare_shows_the_differing_param_and_writes_curves(repo, prefect_server, env):
+    api, client_env = prefect_server
+    _, runs = _mlflow_runs(repo)
+    assert len(runs) >= 2
+    result = _run([str(BIN / "python"), "-m", "flows.cli", "compare", runs[0].info.run_id, "beta-zero"], repo, env)
+    assert "grpo.beta" in result.stdout
+    assert "grpo.lr" not in result.stdout  # the same in both runs
+    assert "rewards/accuracy" in result.stdout
+    png = repo / "metrics" / "compare.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
