@@ -83,7 +83,10 @@ class Tracker:
                  if isinstance(v, (int, float))]
         self.client.log_batch(self.run_id, metrics=batch)
         if samples is not None and len(samples):
-            self.client.log_table(self.run_id, samples, artifact_file=f"samples/iteration_{iteration:04d}.json")
+            # Not log_table: it indexes every table in one run tag, which overflows MLflow's
+            # 8000-character tag limit after ~130 iterations.
+            self.client.log_text(self.run_id, samples.to_json(orient="records", indent=1, force_ascii=False),
+                                 f"samples/iteration_{iteration:04d}.json")
 
     def finish(self, status: str = "FINISHED") -> None:
         if status == "FINISHED" and self.layout.policy.is_dir():

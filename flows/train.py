@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
@@ -134,7 +135,8 @@ def train(params: Params, layout: Layout, run_name: str | None = None) -> dict[s
     try:
         # The heartbeat thread of a sub-flow costs up to a second to stop; the parent's is enough.
         with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-            for iteration in range(start + 1, params.grpo.iterations + 1):
+            for iteration in tqdm(range(start + 1, params.grpo.iterations + 1), desc="grpo", unit="iteration",
+                                  initial=start, total=params.grpo.iterations, disable=None):
                 started_from = done[-1]["checkpoint"] if done else fingerprint["reference"]
                 metrics = iteration_flow(params, layout, iteration, state, reference)
                 write_manifest(layout, iteration, fingerprint, started_from, metrics)
