@@ -42,3 +42,11 @@ def tiny_overrides() -> list[str]:
 def tiny_params(tiny_overrides):
     from stages.config import load_params
     return load_params(ROOT / "params.yaml", tiny_overrides)
+
+
+def pytest_unconfigure(config):
+    # Prefect stops its temporary server at interpreter exit and logs it to a stream pytest
+    # has already closed; don't let that print a traceback after the test summary.
+    import logging
+
+    logging.raiseExceptions = False

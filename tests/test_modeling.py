@@ -57,7 +57,7 @@ def test_a_hub_shaped_directory_goes_through_reference_and_a_grpo_iteration(tiny
     metrics = reference(params, layout)
     assert metrics["sft_steps"] == 0  # used as is
     assert json.loads((layout.reference / "config.json").read_text())["model_type"] == "gpt2"
-    train(params, layout, log=lambda _: None)
+    train(params, layout)
     rollouts = pd.read_parquet(layout.iteration(1) / "rollouts.parquet")
     assert len(rollouts) == params.rollout.prompts_per_iteration * params.rollout.group_size
     model, _ = load_pretrained(layout.policy, params.model, torch.device("cpu"))

@@ -30,7 +30,7 @@ ITERATION_COLUMNS = {"reward", "rewards/accuracy", "rewards/format", "rewards/la
 def project(tmp_path_factory):
     """One tiny run, shared by the tests that only read it. One minibatch, so the loss is recomputable."""
     root = tmp_path_factory.mktemp("project")
-    overrides = [*TINY, "grpo.minibatch_size=16", "grpo.beta=0.1"]
+    overrides = [*TINY, "grpo.minibatch_size=16", "grpo.mu=1", "grpo.beta=0.1"]
     pipeline(load_params(ROOT / "params.yaml", overrides), Layout(root))
     return root, overrides
 
