@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml | $(PYTHON)
 install: $(VENV)/.installed
 
 run: install
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PYTHON) -m flows.cli run
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" DVC_NO_ANALYTICS=1 dvc repro
 
 test: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PYTHON) -m pytest -q
