@@ -131,10 +131,6 @@ def load_pretrained(path: Path, cfg: ModelConfig, device: torch.device) -> tuple
     return model, load_tokenizer(path, cfg.trust_remote_code)
 
 
-def context_length(model: PreTrainedModel) -> int | None:
-    return getattr(model.config, "max_position_embeddings", None)
-
-
 def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Every id that ends a completion: the tokenizer's eos and the model's (chat models have several)."""
     ids = {tokenizer.eos_token_id}

@@ -6,7 +6,6 @@ steps the policy in place, writes the checkpoint runs/checkpoints/NNNN/ and upda
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 

@@ -1,6 +1,5 @@
 """Small pure helpers of the orchestration layer."""
 
-from pathlib import Path
 
 from flows.paths import project_root
 from flows.pipeline import exp_run_command
