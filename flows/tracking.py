@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import subprocess
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from threading import Lock, Thread
 from typing import Any
 
 import pandas as pd
@@ -48,33 +50,69 @@ def run_tags(root: Path, prefect_flow_run_id: str | None) -> dict[str, str]:
     return {key: value for key, value in tags.items() if value}
 
 
-def _mlflow(root: Path):
-    import mlflow  # imported late: it takes seconds, and stages never need it
+_STORE_LOCK = Lock()  # the prewarm thread and the tracker may open the store at the same time
 
-    mlflow.set_tracking_uri(tracking_uri(root))
-    mlflow.set_experiment(EXPERIMENT)
-    return mlflow
+
+def _mlflow(root: Path):
+    with _STORE_LOCK:
+        import mlflow  # imported late: it takes seconds, and stages never need it
+
+        mlflow.set_tracking_uri(tracking_uri(root))
+        mlflow.set_experiment(EXPERIMENT)
+        return mlflow
+
+
+def prewarm(root: Path) -> Thread:
+    """Import MLflow and open its store on a thread, while the caller waits on something else.
+
+    The train stage calls this before its Prefect flow starts: the seconds MLflow needs to
+    import and migrate its sqlite store then overlap Prefect's temporary server booting.
+    """
+    thread = Thread(target=_mlflow, args=(root,), name="mlflow-prewarm", daemon=True)
+    thread.start()
+    return thread
 
 
 class Tracker:
-    """The MLflow run of one training run: params once, metrics per iteration, samples, model."""
+    """The MLflow run of one training run: params once, metrics per iteration, samples, model.
+
+    Every call to the store runs, in order, on one background thread, so an iteration never
+    waits on sqlite or the artifact store. A failed call is raised on the next call here.
+    """
 
     def __init__(self, params: Params, layout: Layout, prefect_flow_run_id: str | None = None,
                  run_name: str | None = None) -> None:
+        self.layout = layout
+        self.samples_logged = params.eval.samples_logged
+        self.run_id: str | None = None
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow")
+        self._pending: list[Future] = []
+        self._submit(self._start, params, prefect_flow_run_id,
+                     run_name or os.environ.get("GRPO_RUN_NAME") or os.environ.get("DVC_EXP_NAME"))
+
+    def _submit(self, fn, *args) -> None:
+        for future in [f for f in self._pending if f.done()]:
+            self._pending.remove(future)
+            future.result()  # raises what the store raised
+        self._pending.append(self._worker.submit(fn, *args))
+
+    def _start(self, params: Params, prefect_flow_run_id: str | None, name: str | None) -> None:
         from mlflow.entities import Param
 
-        self.layout = layout
-        self.mlflow = _mlflow(layout.root)
+        self.mlflow = _mlflow(self.layout.root)
         self.client = self.mlflow.MlflowClient()
-        name = run_name or os.environ.get("GRPO_RUN_NAME") or os.environ.get("DVC_EXP_NAME")
         experiment = self.mlflow.get_experiment_by_name(EXPERIMENT)
         run = self.client.create_run(experiment.experiment_id, run_name=name,
-                                     tags=run_tags(layout.root, prefect_flow_run_id))
+                                     tags=run_tags(self.layout.root, prefect_flow_run_id))
         self.run_id = run.info.run_id
         self.client.log_batch(self.run_id, params=[Param(k, str(v)[:6000]) for k, v in flatten(params).items()])
-        write_json(layout.runs / TRACKING_FILE, {"mlflow_run_id": self.run_id, "prefect_flow_run_id": prefect_flow_run_id})
+        write_json(self.layout.runs / TRACKING_FILE,
+                   {"mlflow_run_id": self.run_id, "prefect_flow_run_id": prefect_flow_run_id})
 
-    def log_iteration(self, iteration: int, metrics: dict[str, Any], samples: pd.DataFrame | None) -> None:
+    def log_iteration(self, iteration: int, metrics: dict[str, Any], samples: bool = True) -> None:
+        self._submit(self._log_iteration, iteration, dict(metrics), samples)
+
+    def _log_iteration(self, iteration: int, metrics: dict[str, Any], samples: bool) -> None:
         from mlflow.entities import Metric
 
         stamp = int(pd.Timestamp.now().timestamp() * 1000)
@@ -82,16 +120,29 @@ class Tracker:
         batch = [Metric(k, float(v), stamp, iteration) for k, v in metrics.items()
                  if isinstance(v, (int, float))]
         self.client.log_batch(self.run_id, metrics=batch)
-        if samples is not None and len(samples):
+        table = sample_table(self.layout, iteration, self.samples_logged) if samples and self.samples_logged else None
+        if table is not None and len(table):
             # Not log_table: it indexes every table in one run tag, which overflows MLflow's
             # 8000-character tag limit after ~130 iterations.
-            self.client.log_text(self.run_id, samples.to_json(orient="records", indent=1, force_ascii=False),
+            self.client.log_text(self.run_id, table.to_json(orient="records", indent=1, force_ascii=False),
                                  f"samples/iteration_{iteration:04d}.json")
 
     def finish(self, status: str = "FINISHED") -> None:
-        if status == "FINISHED" and self.layout.policy.is_dir():
-            self.client.log_artifacts(self.run_id, str(self.layout.policy), artifact_path="policy")
-        self.client.set_terminated(self.run_id, status=status)
+        """Wait for everything queued, then close the run (with the policy, when it finished)."""
+        failure: BaseException | None = None
+        for future in self._pending:
+            try:
+                future.result()
+            except Exception as error:  # still close the run, then raise the first failure
+                failure = failure or error
+        self._pending.clear()
+        if self.run_id is not None:
+            if status == "FINISHED" and failure is None and self.layout.policy.is_dir():
+                self.client.log_artifacts(self.run_id, str(self.layout.policy), artifact_path="policy")
+            self.client.set_terminated(self.run_id, status="FAILED" if failure else status)
+        self._worker.shutdown()
+        if failure is not None and status == "FINISHED":
+            raise failure
 
 
 def log_evaluation(layout: Layout, metrics: dict[str, float]) -> str | None:

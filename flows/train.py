@@ -1,12 +1,17 @@
-"""The GRPO loop as a Prefect flow: one sub-flow per iteration, one task per stage.
+"""The GRPO loop as a Prefect flow: one task per stage, four per iteration.
 
     grpo-train
-      iteration-0001: rollout → reward → advantage → update
-      iteration-0002: ...
+      rollout-0001 → reward-0001 → advantage-0001 → update-0001
+      rollout-0002 → ...
 
 The stages are plain functions from `stages/`; this module owns the order, retries, the
 resume point, logging and MLflow tracking. Resuming is decided from the manifests on
 disk, so a re-run after any crash picks up after the last complete iteration.
+
+Why tasks and not a sub-flow per iteration: Prefect 3 reports a task's states as events
+(about 3 ms a task here), while a sub-flow makes a dozen blocking API round trips (0.26 s
+for an empty one, measured), a quarter of a default iteration. The task names carry the
+iteration, so the run still reads iteration by iteration in the UI.
 """
 
 from __future__ import annotations
@@ -16,15 +21,14 @@ import time
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
-from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from flows.tracking import Tracker, sample_table
+from flows.tracking import Tracker
 from stages.advantage import advantage
 from stages.artifacts import Layout
 from stages.checkpoints import load_optimizer_state, prune
@@ -54,31 +58,31 @@ def transient(task: Any, task_run: Any, state: Any) -> bool:
 STAGE = dict(cache_policy=NO_CACHE, persist_result=False)
 
 
-@task(name="rollout", retries=2, retry_delay_seconds=1, retry_condition_fn=transient, **STAGE)
+@task(name="rollout", task_run_name="rollout-{iteration:04d}", retries=2, retry_delay_seconds=1,
+      retry_condition_fn=transient, **STAGE)
 def rollout_task(params: Params, layout: Layout, iteration: int, state: TrainState) -> dict[str, Any]:
     return rollout(params, layout, iteration, state.model, state.tokenizer)
 
 
-@task(name="reward", retries=2, retry_delay_seconds=1, retry_condition_fn=transient, **STAGE)
+@task(name="reward", task_run_name="reward-{iteration:04d}", retries=2, retry_delay_seconds=1,
+      retry_condition_fn=transient, **STAGE)
 def reward_task(params: Params, layout: Layout, iteration: int) -> dict[str, Any]:
     return reward(params.reward, layout, iteration)
 
 
-@task(name="advantage", **STAGE)
+@task(name="advantage", task_run_name="advantage-{iteration:04d}", **STAGE)
 def advantage_task(params: Params, layout: Layout, iteration: int) -> dict[str, Any]:
     return advantage(params.grpo, params.rollout.group_size, layout, iteration)
 
 
-@task(name="update", **STAGE)  # no retries: it steps the in-memory optimizer
+@task(name="update", task_run_name="update-{iteration:04d}", **STAGE)  # no retries: it steps the optimizer
 def update_task(params: Params, layout: Layout, iteration: int, state: TrainState,
                 reference: PreTrainedModel | None) -> dict[str, Any]:
     return update(params, layout, iteration, state, reference)
 
 
-@flow(name="grpo-iteration", flow_run_name="iteration-{iteration:04d}", validate_parameters=False,
-      persist_result=False)
-def iteration_flow(params: Params, layout: Layout, iteration: int, state: TrainState,
-                   reference: PreTrainedModel | None) -> dict[str, Any]:
+def run_iteration(params: Params, layout: Layout, iteration: int, state: TrainState,
+                  reference: PreTrainedModel | None) -> dict[str, Any]:
     started = time.perf_counter()
     metrics: dict[str, Any] = {}
     metrics |= rollout_task(params, layout, iteration, state)
@@ -131,20 +135,18 @@ def train(params: Params, layout: Layout, run_name: str | None = None) -> dict[s
 
     tracker = Tracker(params, layout, prefect_flow_run_id=flow_run.get_id(), run_name=run_name)
     for manifest in done:  # a resumed run still shows the whole curve
-        tracker.log_iteration(manifest["iteration"], manifest["metrics"], None)
+        tracker.log_iteration(manifest["iteration"], manifest["metrics"], samples=False)
     try:
-        # The heartbeat thread of a sub-flow costs up to a second to stop; the parent's is enough.
-        with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-            for iteration in tqdm(range(start + 1, params.grpo.iterations + 1), desc="grpo", unit="iteration",
-                                  initial=start, total=params.grpo.iterations, disable=None):
-                started_from = done[-1]["checkpoint"] if done else fingerprint["reference"]
-                metrics = iteration_flow(params, layout, iteration, state, reference)
-                write_manifest(layout, iteration, fingerprint, started_from, metrics)
-                done.append(read_manifest(layout, iteration))
-                prune(layout.runs / "checkpoints", params.checkpoints.keep_last)
-                summary = write_training_metrics(layout, done)
-                tracker.log_iteration(iteration, metrics, sample_table(layout, iteration, params.eval.samples_logged))
-                logger.info("iteration %d/%d: %s", iteration, params.grpo.iterations, describe(summary))
+        for iteration in tqdm(range(start + 1, params.grpo.iterations + 1), desc="grpo", unit="iteration",
+                              initial=start, total=params.grpo.iterations, disable=None):
+            started_from = done[-1]["checkpoint"] if done else fingerprint["reference"]
+            metrics = run_iteration(params, layout, iteration, state, reference)
+            write_manifest(layout, iteration, fingerprint, started_from, metrics)
+            done.append(read_manifest(layout, iteration))
+            prune(layout.runs / "checkpoints", params.checkpoints.keep_last)
+            summary = write_training_metrics(layout, done)
+            tracker.log_iteration(iteration, metrics)
+            logger.info("iteration %d/%d: %s", iteration, params.grpo.iterations, describe(summary))
         save_model(state.model, state.tokenizer, layout.policy)
         summary = write_training_metrics(layout, done)
     except BaseException:
