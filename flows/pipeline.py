@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 from pathlib import Path
+from threading import Event, Thread
 from typing import Any, Union
 
 from prefect import flow, get_run_logger, task
@@ -22,6 +24,7 @@ from flows.paths import project_root
 
 Scalar = Union[str, int, float, bool]
 _FAILED_STAGE = re.compile(r"failed to reproduce '([^']+)'")
+_RUNNING_STAGE = re.compile(r"Running stage '([^']+)'")
 
 
 class StageFailed(RuntimeError):
@@ -42,6 +45,52 @@ def experiment_name(run_name: str | None) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", raw).strip("-.") or "prefect-run"
 
 
+def _terminate(process: subprocess.Popen, grace_seconds: float = 30.0) -> None:
+    """SIGTERM DVC and its stage (they share a process group), SIGKILL if they linger."""
+    for sig, wait in ((signal.SIGTERM, grace_seconds), (signal.SIGKILL, None)):
+        try:
+            os.killpg(process.pid, sig)
+            process.wait(timeout=wait)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _detach_stdio() -> None:
+    """Point stdout/stderr at /dev/null: the worker that read them is gone.
+
+    Writing to its pipe would now fail, and rich (Prefect's console logging) raises
+    SystemExit on a broken pipe. Logs still reach the Prefect API.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):
+        os.dup2(devnull, fd)
+
+
+def _stop_when_orphaned(process: subprocess.Popen, launcher: int, finished: Event, orphaned: Event) -> None:
+    """If the process that launched this flow run (the Prefect worker) dies, stop DVC.
+
+    A worker killed with SIGKILL cannot report anything; its flow run process lives on,
+    re-parented. Stopping the experiment here lets the run end Failed with the running
+    stage named, instead of finishing unsupervised or hanging in Running.
+    """
+    while not finished.wait(0.25):
+        if os.getppid() != launcher:
+            _detach_stdio()
+            orphaned.set()
+            _terminate(process)
+            return
+
+
+def _log(logger: Any, line: str) -> None:
+    try:
+        logger.info(line)
+    except SystemExit:  # rich's answer to a broken stdout: the worker died (see _detach_stdio)
+        _detach_stdio()
+
+
 @task(name="dvc-exp-run", cache_policy=NO_CACHE, persist_result=False)
 def dvc_exp_run(root: Path, overrides: dict[str, Scalar], name: str, parent_flow_run_id: str | None) -> str:
     logger = get_run_logger()
@@ -50,17 +99,32 @@ def dvc_exp_run(root: Path, overrides: dict[str, Scalar], name: str, parent_flow
     env = {**os.environ, "GRPO_RUN_NAME": name, "DVC_NO_ANALYTICS": "1"}
     if parent_flow_run_id:
         env["GRPO_PARENT_FLOW_RUN_ID"] = parent_flow_run_id
+    # Its own process group, so DVC and the stage it runs can be stopped together.
     process = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, bufsize=1)
+                               text=True, bufsize=1, start_new_session=True)
+    finished, orphaned = Event(), Event()
+    Thread(target=_stop_when_orphaned, args=(process, os.getppid(), finished, orphaned), daemon=True).start()
     tail: list[str] = []
+    stage = None
     assert process.stdout is not None
-    for line in process.stdout:
-        line = line.rstrip()
-        if line:
-            logger.info(line)
-            tail = (tail + [line])[-50:]
-    if process.wait() != 0:
-        stage = next((m.group(1) for line in tail for m in [_FAILED_STAGE.search(line)] if m), None)
+    try:
+        for line in process.stdout:
+            line = line.rstrip()
+            if line:
+                _log(logger, line)
+                tail = (tail + [line])[-50:]
+                if running := _RUNNING_STAGE.search(line):
+                    stage = running.group(1)
+        process.wait()
+    except BaseException:  # cancelled or crashed: never leave DVC running behind us
+        _terminate(process)
+        raise
+    finally:
+        finished.set()
+    if orphaned.is_set():
+        raise StageFailed(f"stage '{stage or 'unknown'}' failed: the Prefect worker running this flow died")
+    if process.returncode != 0:
+        stage = next((m.group(1) for line in tail for m in [_FAILED_STAGE.search(line)] if m), stage)
         errors = [line for line in tail if line.startswith(("error:", "ERROR"))]
         reason = errors[0] if errors else (tail[-1] if tail else f"exit code {process.returncode}")
         raise StageFailed(f"stage '{stage or 'unknown'}' failed: {reason}")

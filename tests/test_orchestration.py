@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -124,6 +125,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class Worker:
+    """`prefect worker start` for the project's work pool, as a user runs it."""
+
+    def __init__(self, repo: Path, env: dict[str, str]) -> None:
+        self.repo, self.env = repo, env
+        self.start()
+
+    def start(self) -> None:
+        self.process = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "grpo-local"],
+                                        cwd=self.repo, env=self.env, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> None:
+        _stop(self.process)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGINT)  # a clean shutdown
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
 @pytest.fixture(scope="module")
 def prefect_server(env, repo):
     port = _free_port()
@@ -143,23 +172,56 @@ def prefect_server(env, repo):
     client_env = {**env, "PREFECT_API_URL": api}
     _run([str(BIN / "prefect"), "work-pool", "create", "grpo-local", "--type", "process"], repo, client_env)
     _run([str(BIN / "prefect"), "--no-prompt", "deploy", "--name", "grpo"], repo, client_env)
-    worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "grpo-local"], cwd=repo,
-                              env=client_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    yield api, client_env
-    for process in (worker, server):
-        process.send_signal(2)  # SIGINT: a clean shutdown
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
+    worker = Worker(repo, client_env)
+    yield api, client_env, worker
+    worker.stop()
+    _stop(server)
 
 
-def _trigger(api: str, parameters: dict):
+def _trigger(api: str, parameters: dict, timeout: float = 600):
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with temporary_settings(updates={PREFECT_API_URL: api}):
-        return run_deployment("grpo-pipeline/grpo", parameters=parameters, timeout=600, poll_interval=1)
+        return run_deployment("grpo-pipeline/grpo", parameters=parameters, timeout=timeout, poll_interval=1)
+
+
+def _read_flow_run(api: str, flow_run_id):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    async def query():
+        async with get_client() as client:
+            return await client.read_flow_run(flow_run_id)
+
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        return asyncio.run(query())
+
+
+def _task_run_names(api: str, flow_run_id) -> list[str]:
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    async def query():
+        async with get_client() as client:
+            return await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        return sorted(run.name for run in asyncio.run(query()))
+
+
+def _wait_for(condition, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if result := condition():
+            return result
+        time.sleep(1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def _flow_runs_tagged(api: str, tag: str):
@@ -178,7 +240,7 @@ def _flow_runs_tagged(api: str, tag: str):
 
 
 def test_a_triggered_deployment_is_a_dvc_experiment_and_an_mlflow_run(repo, prefect_server, env):
-    api, _ = prefect_server
+    api, _, _ = prefect_server
     before = (repo / "metrics" / "eval.json").read_bytes() if (repo / "metrics" / "eval.json").exists() else None
 
     run = _trigger(api, {"overrides": {"grpo.beta": 0.0}, "run_name": "beta-zero"})
@@ -196,9 +258,16 @@ def test_a_triggered_deployment_is_a_dvc_experiment_and_an_mlflow_run(repo, pref
     # The train stage's flow reported to the same server, linked to the triggering run.
     children = _flow_runs_tagged(api, f"triggered-by:{run.id}")
     assert children and all(c.state.is_completed() for c in children)
-    # grpo-train and its iteration sub-flows carry the tag; the MLflow run names the train flow run.
-    assert mlflow_run.data.tags["prefect_flow_run_id"] in {str(c.id) for c in children}
-    assert sum(c.name.startswith("iteration-") for c in children) == 2
+    (train,) = children
+    assert mlflow_run.data.tags["prefect_flow_run_id"] == str(train.id)
+    # One task per stage and iteration, named so the run reads iteration by iteration.
+    stages = ("rollout", "reward", "advantage", "update")
+    def all_task_runs():  # task states arrive as events: the server records them a moment later
+        names = _task_run_names(api, train.id)
+        return names if len(names) == 8 else None
+
+    names = _wait_for(all_task_runs, 60, "the train flow's task runs")
+    assert names == sorted(f"{stage}-{i:04d}" for stage in stages for i in (1, 2))
 
     # A DVC experiment, and the workspace untouched.
     experiments = _run(["dvc", "exp", "show", "--json"], repo, env).stdout
@@ -208,14 +277,13 @@ def test_a_triggered_deployment_is_a_dvc_experiment_and_an_mlflow_run(repo, pref
 
 
 def test_a_failing_stage_fails_the_run_and_names_the_stage(repo, prefect_server):
-    api, _ = prefect_server
+    api, _, _ = prefect_server
     run = _trigger(api, {"overrides": {"data.source": "missing.jsonl"}, "run_name": "broken"})
     assert run.state.is_failed()
     assert "stage 'prepare' failed" in run.state.message or "stage 'prepare' failed" in str(run.state.result(raise_on_failure=False))
 
 
 def test_compare_shows_the_differing_param_and_writes_curves(repo, prefect_server, env):
-    api, client_env = prefect_server
     _, runs = _mlflow_runs(repo)
     assert len(runs) >= 2
     result = _run([str(BIN / "python"), "-m", "flows.cli", "compare", runs[0].info.run_id, "beta-zero"], repo, env)
@@ -224,3 +292,30 @@ def test_compare_shows_the_differing_param_and_writes_curves(repo, prefect_serve
     assert "rewards/accuracy" in result.stdout
     png = repo / "metrics" / "compare.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_killing_the_worker_fails_the_run_and_names_the_running_stage(repo, prefect_server, env):
+    api, _, worker = prefect_server
+    run = _trigger(api, {"overrides": {"grpo.iterations": 400}, "run_name": "worker-killed"}, timeout=0)
+
+    def training():  # the train stage's flow, a few iterations in
+        runs = _flow_runs_tagged(api, f"triggered-by:{run.id}")
+        return runs if runs and len(_task_run_names(api, runs[0].id)) >= 8 else None
+
+    (train,) = _wait_for(training, 300, "the train stage to get going")
+    worker.kill()  # SIGKILL: the worker gets no chance to report anything
+    try:
+        final = _wait_for(lambda: (r := _read_flow_run(api, run.id)).state.is_final() and r, 120,
+                          "the triggered run to reach a final state")
+    finally:
+        worker.start()  # for whatever runs next
+
+    assert final.state.is_failed(), final.state
+    assert "stage 'train' failed" in final.state.message and "worker" in final.state.message
+    # The stage was stopped, not left running unsupervised, and nothing claims to be done.
+    train = _read_flow_run(api, train.id)
+    assert train.state.is_final() and not train.state.is_completed(), train.state
+    assert "worker-killed" not in _run(["dvc", "exp", "list", "--name-only"], repo, env).stdout
+    client, runs = _mlflow_runs(repo)
+    (mlflow_run,) = [r for r in runs if r.info.run_name == "worker-killed"]
+    assert client.get_run(mlflow_run.info.run_id).info.status == "FAILED"
