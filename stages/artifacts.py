@@ -14,41 +14,62 @@ from typing import Any, Iterator
 
 import pandas as pd
 
+from stages.errors import PathError
+
 
 @dataclass(frozen=True)
 class Layout:
-    """The artefact layout of DESIGN.md, rooted at the project (or a DVC temp copy)."""
+    """The artefact layout of DESIGN.md, rooted at the project (or a DVC temp copy).
+
+    Every directory handed out is first resolved and checked to lie inside `root`, so a
+    symlinked `runs/` or `data/prompts/` leading elsewhere stops a stage before it writes
+    (or deletes) anything there. Files are written by renaming into these directories, and
+    a rename replaces a symlink rather than writing through it.
+    """
 
     root: Path
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+        if self.root.exists() and not self.root.is_dir():
+            raise PathError(f"--root {self.root}: not a directory")
+
+    def inside(self, path: Path) -> Path:
+        """`path` itself, once it is known to resolve inside the run directory."""
+        root, resolved = self.root.resolve(), Path(path).resolve()
+        if resolved != root and root not in resolved.parents:
+            raise PathError(f"{path} resolves to {resolved}, outside the run directory {root}; "
+                            f"artefacts are only written inside it")
+        return path
+
     @property
     def prompts(self) -> Path:
-        return self.root / "data" / "prompts"
+        return self.inside(self.root / "data" / "prompts")
 
     def prompt_split(self, split: str) -> Path:
         return self.prompts / f"{split}.parquet"
 
     @property
     def reference(self) -> Path:
-        return self.root / "models" / "reference"
+        return self.inside(self.root / "models" / "reference")
 
     @property
     def policy(self) -> Path:
-        return self.root / "models" / "policy"
+        return self.inside(self.root / "models" / "policy")
 
     @property
     def runs(self) -> Path:
-        return self.root / "runs"
+        return self.inside(self.root / "runs")
 
     def iteration(self, index: int) -> Path:
-        return self.runs / "iterations" / f"{index:04d}"
+        return self.inside(self.runs / "iterations" / f"{index:04d}")
 
     def checkpoint(self, index: int) -> Path:
-        return self.runs / "checkpoints" / f"{index:04d}"
+        return self.inside(self.runs / "checkpoints" / f"{index:04d}")
 
     @property
     def metrics(self) -> Path:
-        return self.root / "metrics"
+        return self.inside(self.root / "metrics")
 
 
 @contextmanager

@@ -10,14 +10,24 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
-from stages.errors import ConfigError
+from stages.errors import ConfigError, one_line
 from stages.languages import SCRIPTS
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and inf pass `gt=0` checks (inf > 0) or poison every later number: refuse them here.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # YAML reads yes/no/on/off as booleans, and pydantic would quietly take them as 1 and 0.
+        if isinstance(value, bool) and cls.model_fields[info.field_name].annotation in (int, float):
+            raise ValueError(f"expected a number, got {str(value).lower()}")
+        return value
 
 
 class BuiltinTask(Section):
@@ -129,6 +139,16 @@ class Params(Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _enough_prompts_for_an_iteration(self) -> Params:
+        # A user's file is only counted by `prepare`; the built-in task's size is known here.
+        if self.data.source == "builtin" and self.rollout.prompts_per_iteration > self.data.builtin.train_size:
+            raise ValueError(
+                f"rollout.prompts_per_iteration={self.rollout.prompts_per_iteration} exceeds "
+                f"data.builtin.train_size={self.data.builtin.train_size}"
+            )
+        return self
+
 
 def _describe(error: ValidationError) -> str:
     first = error.errors()[0]
@@ -138,14 +158,28 @@ def _describe(error: ValidationError) -> str:
         message = "unknown key"
     elif first["type"] == "missing":
         message = "missing key"
+    elif first["type"] == "value_error":  # our own validators: their message, without pydantic's prefix
+        message = str(first["ctx"]["error"])
     return f"{key}: {message}" if key else message
 
 
 def parse_params(raw: dict[str, Any]) -> Params:
+    """Validate every key, and that every reward named in `reward` resolves, before any stage runs.
+
+    Checking the rewards here (importing the user's dotted paths) means a typo there stops
+    `prepare` or `train` before it writes or discards anything, not mid-iteration.
+    """
     try:
-        return Params.model_validate(raw)
+        params = Params.model_validate(raw)
     except ValidationError as error:
         raise ConfigError(f"params: {_describe(error)}") from None
+    from stages.rewards import resolve  # late: it imports math-verify and the user's reward modules
+
+    try:
+        resolve(params.reward.weights, params.reward.custom)
+    except ConfigError as error:
+        raise ConfigError(f"params: {error}") from None
+    return params
 
 
 def set_key(raw: dict[str, Any], dotted_key: str, value: Any) -> None:
@@ -167,16 +201,33 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] = ()) -> 
         raw = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"params: file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        why = getattr(error, "strerror", None) or error
+        raise ConfigError(f"params: cannot read {path}: {one_line(why)}") from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"params: {path} is not valid YAML: {error}".splitlines()[0]) from None
+        raise ConfigError(f"params: {path} is not valid YAML: {_yaml_problem(error)}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"params: {path} must hold a mapping of keys")
+        raise ConfigError(f"params: {path} must hold a mapping of keys, not a {type(raw).__name__}")
     for override in overrides:
         key, sep, value = override.partition("=")
-        if not sep:
+        if not sep or not key.strip():
             raise ConfigError(f"params: override {override!r} is not key=value")
-        set_key(raw, key.strip(), yaml.safe_load(value))
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"params: {key.strip()}: override value {value!r} is not valid YAML: "
+                              f"{_yaml_problem(error, with_line=False)}") from None
+        set_key(raw, key.strip(), parsed)
     return parse_params(raw)
+
+
+def _yaml_problem(error: yaml.YAMLError, with_line: bool = True) -> str:
+    """`line 3 column 5: mapping values are not allowed here`: where, then what."""
+    mark, problem = getattr(error, "problem_mark", None), getattr(error, "problem", None)
+    if mark is None or problem is None:
+        return one_line(error)
+    where = f"line {mark.line + 1} column {mark.column + 1}: " if with_line else ""
+    return where + one_line(problem)
 
 
 def flatten(params: Params) -> dict[str, Any]:

@@ -1,8 +1,21 @@
 """Errors the user can fix. Each message is one line naming the culprit: key, file, row."""
 
 
+def one_line(text: object, limit: int = 200) -> str:
+    """`text` on one line, cut to `limit` characters: for quoting a user's value or exception."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[:limit - 3] + "..."
+
+
 class PipelineError(Exception):
-    """Base: the CLI prints the message alone and exits non-zero."""
+    """Base: the CLI prints the message alone and exits non-zero.
+
+    The message is always one line, whatever was quoted into it (a YAML error, a user's
+    exception), so the CLI's `error: ...` is one line too.
+    """
+
+    def __str__(self) -> str:
+        return " ".join(line.strip() for line in super().__str__().splitlines() if line.strip())
 
 
 class ConfigError(PipelineError, ValueError):
@@ -23,6 +36,14 @@ class RewardError(PipelineError, ValueError):
 
 class GroupError(PipelineError, ValueError):
     """Rollouts that do not form complete groups of G, naming the prompt."""
+
+
+class RolloutError(PipelineError, ValueError):
+    """A completion that breaks the rollout contract (length, finish reason, log-probs), naming it."""
+
+
+class PathError(PipelineError, ValueError):
+    """A path that is not where it may be written (outside the run directory), naming it."""
 
 
 class NumericsError(PipelineError, RuntimeError):

@@ -12,6 +12,7 @@ import json
 import os
 import string
 from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models
@@ -20,7 +21,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig,
                           PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast)
 
 from stages.artifacts import fresh_dir, replace_dir
-from stages.errors import ModelError
+from stages.errors import DataError, ModelError, one_line
 from stages.config import ModelConfig, Params, TinyModel
 
 # Loading bars for a 1M-parameter model are noise; our own bars show progress that matters.
@@ -89,46 +90,78 @@ def build_tiny_model(shape: TinyModel, tokenizer: PreTrainedTokenizerBase, seed:
     return AutoModelForCausalLM.from_config(config)
 
 
-def check_model_dir(path: Path, trust_remote_code: bool) -> None:
-    """Refuse, with one line, a directory we must not or cannot load."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def _read_json(path: Path, where: str) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelError(f"{where}: {path.name} is unreadable: {one_line(error)}") from None
+    if not isinstance(value, dict):
+        raise ModelError(f"{where}: {path.name} must hold a JSON object")
+    return value
+
+
+def check_model_dir(path: Path, trust_remote_code: bool, key: str | None = None) -> None:
+    """Refuse, with one line, a directory we must not or cannot load.
+
+    `key` names where the directory came from (`model.path`); an artefact's path names itself.
+    """
+    where = f"{key}: {path}" if key else str(path)
     if not path.is_dir():
-        raise ModelError(f"model.path: {path} is not a directory")
+        raise ModelError(f"{where} is not a directory")
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise ModelError(f"model.path: {path} has no config.json")
+        raise ModelError(f"{where} has no config.json")
     if not any(path.glob("*.safetensors")):
         pickles = sorted(p.name for p in path.glob("*.bin"))
-        why = f"only pickle weights ({pickles[0]}); convert them to safetensors" if pickles else "no *.safetensors weights"
-        raise ModelError(f"model.path: {path} has {why}")
-    config = json.loads(config_file.read_text())
-    if config.get("auto_map") and not trust_remote_code:
-        raise ModelError(f"model.path: {path} needs remote code; set model.trust_remote_code: true to allow it")
-    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        raise ModelError(f"model.path: {path} has no tokenizer files")
+        why = (f"only pickle weights ({pickles[0]}); convert them to safetensors" if pickles
+               else "no *.safetensors weights")
+        raise ModelError(f"{where} has {why}")
+    config = _read_json(config_file, where)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelError(f"{where} has no tokenizer files")
+    tokenizer_config = path / "tokenizer_config.json"
+    # The tokenizer can ask for remote code on its own, with a plain config.json.
+    remote = config.get("auto_map") or (tokenizer_config.is_file()
+                                        and _read_json(tokenizer_config, where).get("auto_map"))
+    if remote and not trust_remote_code:
+        raise ModelError(f"{where} needs remote code; set model.trust_remote_code: true to allow it")
 
 
-def load_tokenizer(path: Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+def load_tokenizer(path: Path, trust_remote_code: bool = False, key: str | None = None) -> PreTrainedTokenizerBase:
+    where = f"{key}: {path}" if key else str(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError) as error:  # transformers' ways of saying "not loadable"
+        raise ModelError(f"{where}: the tokenizer does not load: {type(error).__name__}: {one_line(error)}") from None
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.eos_token_id is None:
-        raise ModelError(f"model.path: {path}: the tokenizer has no eos token")
+        raise ModelError(f"{where}: the tokenizer has no eos token")
     return tokenizer
 
 
-def load_model(path: Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype | None = None) -> PreTrainedModel:
+def load_model(path: Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype | None = None,
+               key: str | None = None) -> PreTrainedModel:
     """Load for inference (bf16 on GPU) unless `dtype` says otherwise (fp32 for training)."""
-    check_model_dir(path, cfg.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, trust_remote_code=cfg.trust_remote_code, dtype=dtype or dtype_for(device), use_safetensors=True,
-    )
+    check_model_dir(path, cfg.trust_remote_code, key)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, trust_remote_code=cfg.trust_remote_code, dtype=dtype or dtype_for(device), use_safetensors=True,
+        )
+    except Exception as error:  # a directory that passed the checks can still hold corrupt weights or config
+        where = f"{key}: {path}" if key else str(path)
+        raise ModelError(f"{where}: the model does not load: {type(error).__name__}: {one_line(error)}") from None
     return model.to(device)
 
 
-def load_pretrained(path: Path, cfg: ModelConfig, device: torch.device) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    model = load_model(path, cfg, device)
-    return model, load_tokenizer(path, cfg.trust_remote_code)
+def load_pretrained(path: Path, cfg: ModelConfig, device: torch.device,
+                    key: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    model = load_model(path, cfg, device, key=key)
+    return model, load_tokenizer(path, cfg.trust_remote_code, key)
 
 
 def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -164,3 +197,56 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, targe
     model.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
     replace_dir(staging, target)
+
+
+# Where configs of the common architectures keep their context length.
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "seq_length")
+
+
+def context_length(config: Any) -> tuple[int, str] | None:
+    """(the longest sequence the model attends over, the config field saying so), if it says."""
+    for name in CONTEXT_KEYS:
+        value = config.get(name) if isinstance(config, dict) else getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value, name
+    return None
+
+
+def check_context(prompt_ids: Sequence[Sequence[int]], labels: Sequence[str], budget: int, budget_key: str,
+                  context: int, context_source: str) -> None:
+    """Refuse the first prompt that, with `budget` new tokens after it, overflows the context.
+
+    A position past the context is an index error for learned position embeddings and
+    silent garbage for rotary ones: either way the run would not mean what it says.
+    """
+    for label, ids in zip(labels, prompt_ids):
+        if len(ids) + budget > context:
+            raise DataError(f"{label}: the prompt is {len(ids)} tokens, which with {budget_key}={budget} "
+                            f"exceeds the model's context of {context} tokens ({context_source})")
+
+
+def context_limit(config: Any, cfg: ModelConfig) -> tuple[int, str] | None:
+    """The context of a model built from `cfg` (a config object or config.json's dict) and the key to raise it."""
+    found = context_length(config)
+    if found is None:
+        return None
+    where = f"{found[1]} in model.path's config.json" if cfg.path else "model.tiny.max_position_embeddings"
+    return found[0], where
+
+
+def model_source(cfg: ModelConfig, root: Path) -> Path | None:
+    """`model.path` as a directory (a relative one is relative to the project); None for the tiny model."""
+    if not cfg.path:
+        return None
+    path = Path(cfg.path).expanduser()
+    return path if path.is_absolute() else root / path
+
+
+def planned_tokenizer(cfg: ModelConfig, root: Path) -> tuple[PreTrainedTokenizerBase, tuple[int, str] | None]:
+    """The tokenizer and context the reference will have, read without loading any weights."""
+    source = model_source(cfg, root)
+    if source is None:
+        return build_tokenizer(), context_limit({"max_position_embeddings": cfg.tiny.max_position_embeddings}, cfg)
+    check_model_dir(source, cfg.trust_remote_code, "model.path")
+    config = json.loads((source / "config.json").read_text())
+    return load_tokenizer(source, cfg.trust_remote_code, "model.path"), context_limit(config, cfg)

@@ -8,6 +8,7 @@ empty when a user's file has none).
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import pandas as pd
 
 from stages.artifacts import Layout, write_parquet
 from stages.config import DataConfig, Params
-from stages.errors import DataError
+from stages.errors import DataError, one_line
 
 COLUMNS = ["prompt_id", "prompt", "answer", "demonstration"]
 
@@ -86,32 +87,60 @@ def split_answer(answer: str) -> tuple[str, str]:
 
 
 def read_user_file(path: Path) -> pd.DataFrame:
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"data.source: file not found: {path}")
+    if not path.is_file():
+        raise DataError(f"data.source: {path} is not a file")
+    if path.suffix not in (".parquet", ".jsonl", ".json"):
+        raise DataError(f"data.source: {path}: expected a .parquet or .jsonl file")
+    if path.stat().st_size == 0:
+        raise DataError(f"data.source: {path} has no rows (the file is empty)")
     try:
-        if path.suffix == ".parquet":
-            frame = pd.read_parquet(path)
-        elif path.suffix in (".jsonl", ".json"):
-            frame = pd.read_json(path, lines=path.suffix == ".jsonl", dtype=False)
-        else:
-            raise DataError(f"data.source: {path}: expected a .parquet or .jsonl file")
+        if path.suffix == ".jsonl":
+            return read_jsonl(path)
+        if path.suffix == ".json":
+            return pd.read_json(path, dtype=False)
+        return pd.read_parquet(path)
     except DataError:
         raise
     except Exception as error:  # pyarrow/pandas raise many types for a corrupt file
-        raise DataError(f"data.source: {path} is unreadable: {str(error).splitlines()[0]}") from None
-    return frame
+        raise DataError(f"data.source: {path} is unreadable: {type(error).__name__}: {one_line(error)}") from None
 
 
-def user_problems(path: Path, cfg: DataConfig, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    frame = read_user_file(path)
+def read_jsonl(path: Path) -> pd.DataFrame:
+    """One JSON object per line; a bad line is named by its number (from 1, as editors count)."""
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"data.source: {path} line {number} is not valid JSON: {error.msg}") from None
+            if not isinstance(row, dict):
+                raise DataError(f"data.source: {path} line {number} is a JSON {type(row).__name__}, expected an object")
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def user_problems(path: Path) -> pd.DataFrame:
+    """A user's file as validated problems, in file order (`row N` in messages counts rows from 0)."""
+    frame = read_user_file(path).reset_index(drop=True)
     if frame.empty:
         raise DataError(f"data.source: {path} has no rows")
     for column in ("prompt", "answer"):
         if column not in frame.columns:
-            raise DataError(f"data.source: {path} has no '{column}' column")
+            columns = ", ".join(map(str, frame.columns))
+            raise DataError(f"data.source: {path} has no '{column}' column (columns: {columns})")
         missing = frame[column].isna() | (frame[column].astype(str).str.strip() == "")
         if missing.any():
             raise DataError(f"data.source: {path} row {int(np.flatnonzero(missing)[0])}: empty '{column}'")
+    not_text = ~frame["prompt"].map(lambda value: isinstance(value, str))
+    if not_text.any():
+        row = int(np.flatnonzero(not_text)[0])
+        raise DataError(f"data.source: {path} row {row}: 'prompt' is a {type(frame['prompt'].iloc[row]).__name__}, "
+                        f"expected text")
     if "prompt_id" in frame.columns:
         ids = frame["prompt_id"]
         if ids.isna().any():
@@ -120,32 +149,89 @@ def user_problems(path: Path, cfg: DataConfig, seed: int) -> tuple[pd.DataFrame,
         duplicated = ids.duplicated()
         if duplicated.any():
             row = int(np.flatnonzero(duplicated)[0])
-            raise DataError(f"data.source: {path} row {row}: duplicate prompt_id {ids.iloc[row]!r}")
+            first = int(np.flatnonzero(ids == ids.iloc[row])[0])
+            raise DataError(f"data.source: {path} row {row}: duplicate prompt_id {ids.iloc[row]!r} "
+                            f"(first in row {first})")
     else:
         ids = pd.Series([f"row-{i}" for i in range(len(frame))])
+    if len(frame) < 2:
+        raise DataError(f"data.source: {path} needs at least 2 rows to hold some out for testing")
     finals, reasonings = zip(*(split_answer(str(a)) for a in frame["answer"]))
-    problems = pd.DataFrame({
+    return pd.DataFrame({
         "prompt_id": ids.to_numpy(),
-        "prompt": frame["prompt"].astype(str).to_numpy(),
+        "prompt": frame["prompt"].to_numpy(),
         "answer": list(finals),
         "demonstration": [demonstration(r, a) for r, a in zip(reasonings, finals)],
     })
-    if len(problems) < 2:
-        raise DataError(f"data.source: {path} needs at least 2 rows to hold some out for testing")
+
+
+def split_held_out(problems: pd.DataFrame, cfg: DataConfig, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     order = np.random.default_rng(seed).permutation(len(problems))
     n_test = max(1, round(cfg.test_fraction * len(problems)))
     test, train = problems.iloc[order[:n_test]], problems.iloc[order[n_test:]]
     return train.reset_index(drop=True), test.reset_index(drop=True)
 
 
+def user_source(params: Params, layout: Layout) -> Path:
+    """`data.source` as a path (relative to the project), refused where prepare would overwrite it."""
+    source = Path(params.data.source).expanduser()
+    if not source.is_absolute():
+        source = layout.root / source
+    outputs = layout.prompts.resolve()
+    if outputs == source.resolve() or outputs in source.resolve().parents:
+        raise DataError(f"data.source: {source} is inside {layout.prompts}, which prepare rewrites; "
+                        f"keep your file elsewhere")
+    return source
+
+
+def check_prompts_fit(problems: pd.DataFrame, labels: list[str], params: Params, root: Path) -> None:
+    """Every prompt, with the longest completion budget, fits the context of the model it is for."""
+    # Late: torch and transformers take seconds to import, and most bad files are refused without them.
+    from stages.errors import ModelError
+    from stages.modeling import check_context, encode_prompts, planned_tokenizer
+
+    try:
+        tokenizer, limit = planned_tokenizer(params.model, root)
+    except ModelError:
+        return  # the reference stage names what is wrong with model.path
+    if limit is None:
+        return
+    budget_key, budget = max([("rollout.max_new_tokens", params.rollout.max_new_tokens),
+                              ("eval.max_new_tokens", params.eval.max_new_tokens)], key=lambda item: item[1])
+    check_context(encode_prompts(tokenizer, problems["prompt"].tolist()), labels, budget, budget_key, *limit)
+
+
+def read_prompt_split(layout: Layout, split: str) -> pd.DataFrame:
+    """data/prompts/{split}.parquet, or one line saying to run `prepare`."""
+    path = layout.prompt_split(split)
+    if not path.is_file():
+        raise DataError(f"{path}: not found; run prepare first")
+    try:
+        return pd.read_parquet(path)
+    except Exception as error:  # a file cut short or overwritten: pyarrow raises many types
+        raise DataError(f"{path} is unreadable ({type(error).__name__}: {one_line(error)}); "
+                        f"run prepare again") from None
+
+
 def prepare(params: Params, layout: Layout) -> dict[str, int]:
+    """Validate everything first (the file, its rows, their fit in the model's context), then write."""
+    targets = {split: layout.prompt_split(split) for split in ("train", "test")}  # inside the run directory
     if params.data.source == "builtin":
         train, test = arithmetic_problems(params.data, params.seed)
+        problems = pd.concat([train, test], ignore_index=True)
+        labels = [f"data.builtin: prompt_id {pid!r}" for pid in problems["prompt_id"]]
     else:
-        source = Path(params.data.source)
-        if not source.is_absolute():
-            source = layout.root / source
-        train, test = user_problems(source, params.data, params.seed)
-    write_parquet(layout.prompt_split("train"), train)
-    write_parquet(layout.prompt_split("test"), test)
+        source = user_source(params, layout)
+        problems = user_problems(source)
+        labels = [f"data.source: {source} row {row} (prompt_id {pid!r})"
+                  for row, pid in enumerate(problems["prompt_id"])]
+    check_prompts_fit(problems, labels, params, layout.root)
+    if params.data.source != "builtin":
+        train, test = split_held_out(problems, params.data, params.seed)
+        if len(train) < params.rollout.prompts_per_iteration:
+            raise DataError(f"data.source: {source} leaves {len(train)} training prompts after holding out {len(test)} "
+                            f"(data.test_fraction={params.data.test_fraction}), fewer than "
+                            f"rollout.prompts_per_iteration={params.rollout.prompts_per_iteration}")
+    write_parquet(targets["train"], train)
+    write_parquet(targets["test"], test)
     return {"train_prompts": len(train), "test_prompts": len(test)}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -22,8 +21,9 @@ from stages.artifacts import Layout
 from stages.batching import CompletionBatch
 from stages.config import Params, SFTConfig
 from stages.generation import completion_logprobs
-from stages.modeling import (build_tiny_model, build_tokenizer, configure_threads, encode_prompts,
-                             load_pretrained, resolve_device, save_model)
+from stages.modeling import (build_tiny_model, build_tokenizer, check_context, configure_threads, context_limit,
+                             encode_prompts, load_pretrained, model_source, resolve_device, save_model)
+from stages.prepare import read_prompt_split
 
 
 def sft_examples(frame: pd.DataFrame, tokenizer: PreTrainedTokenizerBase) -> tuple[list[list[int]], list[list[int]]]:
@@ -58,24 +58,42 @@ def supervised_finetune(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
     return losses
 
 
+def check_prompts_fit(tokenizer: PreTrainedTokenizerBase, limit: tuple[int, str] | None,
+                      params: Params, layout: Layout) -> None:
+    """Train prompts leave room for a rollout and test prompts for an evaluation, in this model's context.
+
+    `prepare` checked this already, but against the model params of its own run: the model
+    (or its context, or the budgets) may have changed since.
+    """
+    if limit is None:
+        return
+    for split, budget_key, budget in (("train", "rollout.max_new_tokens", params.rollout.max_new_tokens),
+                                      ("test", "eval.max_new_tokens", params.eval.max_new_tokens)):
+        frame = read_prompt_split(layout, split)
+        labels = [f"{layout.prompt_split(split)} prompt_id {pid!r}" for pid in frame["prompt_id"]]
+        check_context(encode_prompts(tokenizer, frame["prompt"].tolist()), labels, budget, budget_key, *limit)
+
+
 def reference(params: Params, layout: Layout) -> dict[str, float]:
+    """Validate the model and every prompt against it first; write models/reference/ only at the end."""
     configure_threads(params)
     device = resolve_device(params)
+    target = layout.reference  # checked to lie inside the run directory before any work
     started = time.perf_counter()
-    if params.model.path:
-        source = Path(params.model.path)
-        if not source.is_absolute():
-            source = layout.root / source
-        model, tokenizer = load_pretrained(source, params.model, device)
+    source = model_source(params.model, layout.root)
+    if source is not None:
+        model, tokenizer = load_pretrained(source, params.model, device, key="model.path")
+        check_prompts_fit(tokenizer, context_limit(model.config, params.model), params, layout)
         metrics = {"sft_steps": 0}
     else:
         tokenizer = build_tokenizer()
+        check_prompts_fit(tokenizer, (params.model.tiny.max_position_embeddings, "model.tiny.max_position_embeddings"),
+                          params, layout)
         model = build_tiny_model(params.model.tiny, tokenizer, params.seed).to(device)
-        train = pd.read_parquet(layout.prompt_split("train"))
+        train = read_prompt_split(layout, "train")
         losses = supervised_finetune(model, tokenizer, *sft_examples(train, tokenizer), params.sft, params.seed)
         metrics = {"sft_steps": len(losses), "sft_final_loss": float(np.mean(losses[-10:])) if losses else math.nan}
-    save_model(model, tokenizer, layout.reference)
+    save_model(model, tokenizer, target)
     metrics["parameters"] = sum(p.numel() for p in model.parameters())
     metrics["seconds"] = time.perf_counter() - started
     return metrics
-

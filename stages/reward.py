@@ -7,63 +7,91 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from stages.artifacts import Layout, write_parquet
 from stages.config import RewardConfig
-from stages.errors import RewardError
+from stages.errors import RewardError, one_line
 from stages.rewards import RewardFn, resolve
+from stages.rollout import check_groups
 
 
-def _call(name: str, fn: RewardFn, rollouts: pd.DataFrame, target_language: str) -> list:
+def _call(fn: RewardFn, rollouts: pd.DataFrame, target_language: str) -> Any:
     columns = {
         "answer": rollouts["answer"].tolist(),
         "prompt_id": rollouts["prompt_id"].tolist(),
         "sample": rollouts["sample"].tolist(),
         "target_language": target_language,
     }
-    return list(fn(rollouts["prompt"].tolist(), rollouts["completion"].tolist(), **columns))
+    return fn(rollouts["prompt"].tolist(), rollouts["completion"].tolist(), **columns)
+
+
+def _culprit(rollouts: pd.DataFrame, row: int) -> str:
+    """How a user finds the completion again in rollouts.parquet."""
+    culprit = rollouts.iloc[row]
+    return f"prompt_id={culprit['prompt_id']!r} sample={culprit['sample']}"
+
+
+def _failure(name: str, fn: RewardFn, rollouts: pd.DataFrame, target_language: str, error: Exception) -> RewardError:
+    """The error for a reward that raised: on the first completion it raises on alone, if any."""
+    for row in range(len(rollouts)):
+        try:
+            _call(fn, rollouts.iloc[row:row + 1], target_language)
+        except Exception as alone:
+            return RewardError(f"reward {name!r} raised on {_culprit(rollouts, row)}: "
+                               f"{type(alone).__name__}: {one_line(alone)}")
+    return RewardError(f"reward {name!r} raised on the batch of {len(rollouts)} completions (on none alone): "
+                       f"{type(error).__name__}: {one_line(error)}")
+
+
+def _as_list(name: str, result: Any, expected: int) -> list:
+    """A reward's result as one entry per completion, or an error saying what came back instead."""
+    shape = getattr(result, "shape", None)
+    if shape is not None and len(shape) != 1:
+        raise RewardError(f"reward {name!r} returned an array of shape {tuple(shape)}, expected ({expected},): "
+                          f"one score per completion")
+    if result is None or isinstance(result, (str, bytes, dict)) or not hasattr(result, "__iter__"):
+        raise RewardError(f"reward {name!r} returned {type(result).__name__} {one_line(repr(result), 60)}, "
+                          f"expected a list of {expected} scores, one per completion")
+    scores = list(result)
+    if len(scores) != expected:
+        raise RewardError(f"reward {name!r} returned {len(scores)} scores for {expected} completions")
+    return scores
 
 
 def score_component(name: str, fn: RewardFn, rollouts: pd.DataFrame, target_language: str) -> np.ndarray:
-    """One float per completion (NaN = abstained), or an error naming the culprit."""
+    """Exactly one finite float per completion (NaN = abstained, from `None`), or an error naming the culprit."""
     try:
-        scores = _call(name, fn, rollouts, target_language)
-    except Exception:
-        # Find the completion it fails on, so the user can reproduce it from rollouts.parquet.
-        for row in range(len(rollouts)):
-            try:
-                _call(name, fn, rollouts.iloc[row:row + 1], target_language)
-            except Exception as error:
-                culprit = rollouts.iloc[row]
-                raise RewardError(
-                    f"reward {name!r} raised on prompt_id={culprit['prompt_id']!r} sample={culprit['sample']}: "
-                    f"{type(error).__name__}: {error}"
-                ) from None
-        raise
-    if len(scores) != len(rollouts):
-        raise RewardError(f"reward {name!r} returned {len(scores)} scores for {len(rollouts)} completions")
-    values = np.full(len(scores), np.nan)
-    for row, score in enumerate(scores):
-        if score is None:
+        result = _call(fn, rollouts, target_language)
+    except Exception as error:  # the user's code: find the completion it fails on, to reproduce it
+        raise _failure(name, fn, rollouts, target_language, error) from None
+    values = np.full(len(rollouts), np.nan)
+    for row, score in enumerate(_as_list(name, result, len(rollouts))):
+        if score is None:  # an explicit abstention
             continue
         try:
-            value = float(score)
+            value = math.nan if isinstance(score, (str, bytes)) else float(score)
         except (TypeError, ValueError):
             value = math.nan
         if not math.isfinite(value):
-            culprit = rollouts.iloc[row]
             raise RewardError(
-                f"reward {name!r} returned {score!r} for prompt_id={culprit['prompt_id']!r} "
-                f"sample={culprit['sample']}: expected a finite number or None"
+                f"reward {name!r} returned {one_line(repr(score), 60)} for {_culprit(rollouts, row)}: "
+                f"expected a finite number or None (abstain)"
             )
         values[row] = value
     return values
 
 
-def score_rollouts(rollouts: pd.DataFrame, cfg: RewardConfig) -> pd.DataFrame:
+def score_rollouts(rollouts: pd.DataFrame, cfg: RewardConfig, group_size: int | None = None,
+                   where: str = "") -> pd.DataFrame:
+    """Check the groups, then score: one column per component and `reward`, their weighted sum.
+
+    `where` (the rollouts file) starts a group error's message.
+    """
+    check_groups(rollouts, group_size, where)
     rewards = rollouts[["prompt_id", "sample"]].copy()
     total = np.zeros(len(rollouts))
     for name, fn in resolve(cfg.weights, cfg.custom).items():
@@ -86,10 +114,15 @@ def reward_metrics(rewards: pd.DataFrame, components: list[str]) -> dict[str, fl
     return metrics
 
 
-def reward(cfg: RewardConfig, layout: Layout, iteration: int) -> dict[str, float]:
+def reward(cfg: RewardConfig, layout: Layout, iteration: int, group_size: int | None = None) -> dict[str, float]:
+    """Score one iteration's rollouts; pass `group_size` (rollout.group_size) to check groups against it."""
     started = time.perf_counter()
     folder = layout.iteration(iteration)
-    rollouts = pd.read_parquet(folder / "rollouts.parquet", columns=["prompt_id", "sample", "prompt", "answer", "completion"])
-    rewards = score_rollouts(rollouts, cfg)
+    source = folder / "rollouts.parquet"
+    rollouts = pd.read_parquet(source, columns=["prompt_id", "sample", "prompt", "answer", "completion"])
+    try:
+        rewards = score_rollouts(rollouts, cfg, group_size, str(source))
+    except RewardError as error:  # which iteration's file to open to reproduce it
+        raise RewardError(f"{source}: {error}") from None
     write_parquet(folder / "rewards.parquet", rewards)
     return {**reward_metrics(rewards, list(cfg.weights)), "seconds/reward": time.perf_counter() - started}

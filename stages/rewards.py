@@ -15,9 +15,7 @@ import unicodedata
 from functools import lru_cache
 from typing import Callable, Optional, Sequence
 
-from math_verify import parse, verify
-
-from stages.errors import ConfigError
+from stages.errors import ConfigError, one_line
 from stages.languages import SCRIPTS
 
 RewardFn = Callable[..., Sequence[Optional[float]]]
@@ -54,11 +52,17 @@ logging.getLogger("math_verify").setLevel(logging.ERROR)
 
 @lru_cache(maxsize=65536)
 def _parsed(text: str) -> tuple:
+    # Late: math-verify (and sympy under it) takes most of a second to import, and every CLI
+    # command imports this module to check `reward` params, even one that scores nothing.
+    from math_verify import parse
+
     return tuple(parse(text[:512], parsing_timeout=None))
 
 
 @lru_cache(maxsize=65536)
 def answers_match(gold: str, predicted: str) -> bool:
+    from math_verify import verify
+
     gold_parsed = _parsed(gold)
     if not gold_parsed:  # not mathematical: an exact match is all we can ask
         return gold.strip() == predicted.strip()
@@ -103,10 +107,13 @@ def import_reward(dotted: str) -> RewardFn:
     module_name, sep, attr = dotted.partition(":")
     if not sep:
         module_name, _, attr = dotted.rpartition(".")
+    if not module_name or not attr:
+        raise ConfigError(f"reward.custom: {dotted!r} is not 'package.module:function'")
     try:
         fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError, ValueError) as error:
-        raise ConfigError(f"reward.custom: cannot import {dotted!r}: {error}") from None
+    except Exception as error:  # the user's module runs on import: any error is theirs to see
+        raise ConfigError(f"reward.custom: cannot import {dotted!r}: "
+                          f"{type(error).__name__}: {one_line(error)}") from None
     if not callable(fn):
         raise ConfigError(f"reward.custom: {dotted!r} is not callable")
     return fn
@@ -116,8 +123,10 @@ def resolve(weights: dict[str, float], custom: list[str]) -> dict[str, RewardFn]
     """The reward components of a run, by name: built-ins plus the user's, each with a weight."""
     available = dict(REGISTRY)
     for dotted in custom:
-        fn = import_reward(dotted)
-        available[dotted.replace(":", ".").rsplit(".", 1)[-1]] = fn
+        name = dotted.replace(":", ".").rsplit(".", 1)[-1]
+        if name in available:  # a second function of that name would silently replace the first
+            raise ConfigError(f"reward.custom: {dotted!r} is named {name!r}, like another reward; rename it")
+        available[name] = import_reward(dotted)
     for name in weights:
         if name not in available:
             raise ConfigError(f"reward.weights.{name}: no such reward (known: {', '.join(sorted(available))})")

@@ -15,9 +15,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from stages.artifacts import Layout, write_parquet
 from stages.config import Params
-from stages.errors import DataError
+from stages.errors import DataError, GroupError, RolloutError
 from stages.generation import sample
-from stages.modeling import encode_prompts, eos_token_ids
+from stages.modeling import check_context, context_limit, encode_prompts, eos_token_ids
+from stages.prepare import read_prompt_split
 
 
 def iteration_seed(seed: int, iteration: int, stream: int) -> int:
@@ -33,9 +34,14 @@ def choose_prompts(train: pd.DataFrame, count: int, seed: int, iteration: int) -
 
 
 def generate_rollouts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: pd.DataFrame,
-                      params: Params, iteration: int) -> pd.DataFrame:
+                      params: Params, iteration: int, source: str = "data/prompts/train.parquet") -> pd.DataFrame:
     cfg = params.rollout
     prompt_ids = encode_prompts(tokenizer, prompts["prompt"].tolist())
+    # rollout.max_new_tokens may have grown since `reference` checked the prompts against the model.
+    limit = context_limit(model.config, params.model)
+    if limit is not None:
+        check_context(prompt_ids, [f"{source} prompt_id {pid!r}" for pid in prompts["prompt_id"]],
+                      cfg.max_new_tokens, "rollout.max_new_tokens", *limit)
     generator = torch.Generator(model.device).manual_seed(iteration_seed(params.seed, iteration, 1))
     model.eval()
     out = sample(model, prompt_ids, group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
@@ -59,21 +65,75 @@ def generate_rollouts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     })
 
 
+def check_groups(frame: pd.DataFrame, group_size: int | None = None, where: str = "") -> None:
+    """Every prompt has exactly G completions with distinct sample indices 0..G-1.
+
+    This is what the advantage's groups rest on. Without `group_size` (a stage that is not
+    told G), G is the most common group size, so a short or padded group is still named.
+    `where` (a file, an iteration) starts the message.
+    """
+    at = f"{where}: " if where else ""
+    if frame.empty:
+        raise GroupError(f"{at}no completions at all")
+    unnamed = frame["prompt_id"].isna() | frame["sample"].isna()
+    if unnamed.any():
+        raise GroupError(f"{at}row {int(np.flatnonzero(unnamed)[0])} has no prompt_id or no sample index")
+    repeated = frame.duplicated(["prompt_id", "sample"])
+    if repeated.any():
+        culprit = frame[repeated].iloc[0]
+        raise GroupError(f"{at}prompt_id={culprit['prompt_id']!r} has sample {culprit['sample']} more than once")
+    groups = frame.groupby("prompt_id", sort=False)["sample"].agg(lambda samples: sorted(samples.tolist()))
+    expected = group_size or int(groups.map(len).mode().max())
+    for prompt_id, samples in groups.items():
+        if samples != list(range(expected)):
+            why = f"rollout.group_size={group_size}" if group_size else "as the other prompts have"
+            raise GroupError(f"{at}prompt_id={prompt_id!r} has samples {samples}, expected 0..{expected - 1} ({why})")
+
+
+def check_rollouts(rollouts: pd.DataFrame, group_size: int, max_new_tokens: int) -> None:
+    """The contract the reward and update stages rely on, checked before rollouts.parquet is written.
+
+    Complete groups; token ids, log-probs and length that agree; finish reasons measured
+    against the configured `max_new_tokens` ("length" means the budget was used up).
+    """
+    check_groups(rollouts, group_size, f"iteration {rollouts['iteration'].iloc[0]}" if len(rollouts) else "")
+    lengths = rollouts["completion_length"].to_numpy()
+    finish = rollouts["finish_reason"].to_numpy()
+    problems = [
+        (rollouts["completion_ids"].map(len).to_numpy() != lengths, "completion_length disagrees with its token ids"),
+        (rollouts["logprobs"].map(len).to_numpy() != lengths, "completion_length disagrees with its log-probs"),
+        (lengths > max_new_tokens, f"is longer than rollout.max_new_tokens={max_new_tokens}"),
+        (~np.isin(finish, ["stop", "length"]), "has a finish_reason other than 'stop' or 'length'"),
+        ((finish == "length") & (lengths != max_new_tokens),
+         f"has finish_reason 'length' before rollout.max_new_tokens={max_new_tokens} tokens"),
+        (~rollouts["logprobs"].map(lambda values: bool(np.isfinite(values).all())).to_numpy(),
+         "has a non-finite log-prob"),
+    ]
+    for bad, what in problems:
+        if bad.any():
+            culprit = rollouts.iloc[int(np.flatnonzero(bad)[0])]
+            raise RolloutError(f"iteration {culprit['iteration']}: prompt_id={culprit['prompt_id']!r} "
+                               f"sample={culprit['sample']} {what} (length {culprit['completion_length']})")
+
+
 def rollout(params: Params, layout: Layout, iteration: int, model: PreTrainedModel,
             tokenizer: PreTrainedTokenizerBase) -> dict[str, float]:
     started = time.perf_counter()
-    train = pd.read_parquet(layout.prompt_split("train"))
+    target = layout.iteration(iteration) / "rollouts.parquet"  # checked to lie inside the run directory
+    train = read_prompt_split(layout, "train")
     prompts = choose_prompts(train, params.rollout.prompts_per_iteration, params.seed, iteration)
-    rollouts = generate_rollouts(model, tokenizer, prompts, params, iteration)
+    rollouts = generate_rollouts(model, tokenizer, prompts, params, iteration, str(layout.prompt_split("train")))
     seconds = time.perf_counter() - started
-    write_parquet(layout.iteration(iteration) / "rollouts.parquet", rollouts)
+    check_rollouts(rollouts, params.rollout.group_size, params.rollout.max_new_tokens)
+    write_parquet(target, rollouts)
     lengths = rollouts["completion_length"]
     return {
         "completions/mean_length": float(lengths.mean()),
         "completions/min_length": float(lengths.min()),
         "completions/max_length": float(lengths.max()),
-        # Measured against the configured budget, not against what happened to be generated.
-        "completions/clipped_ratio": float((lengths >= params.rollout.max_new_tokens).mean()),
+        # Truncated = ran out of the configured budget without an eos (TRL's clipped_ratio); a
+        # completion whose eos is its max_new_tokens-th token stopped, it was not cut.
+        "completions/clipped_ratio": float((rollouts["finish_reason"] == "length").mean()),
         "rollout/tokens_per_second": float(lengths.sum() / seconds),
         "seconds/rollout": seconds,
     }

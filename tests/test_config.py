@@ -23,9 +23,11 @@ def test_the_project_params_load_and_spell_the_documented_keys():
 
 
 def test_overrides_are_parsed_as_yaml_values():
-    params = load_params(PARAMS, ["grpo.beta=0", "reward.custom=[a.b:c]", "model.path=/x"])
+    params = load_params(PARAMS, ["grpo.beta=0", "reward.custom=[stages.rewards:script_share]",
+                                  "reward.weights.script_share=0.5", "model.path=/x"])
     assert params.grpo.beta == 0.0
-    assert params.reward.custom == ["a.b:c"]
+    assert params.reward.custom == ["stages.rewards:script_share"]
+    assert params.reward.weights["script_share"] == 0.5
     assert params.model.path == "/x"
 
 
@@ -39,7 +41,7 @@ def test_overrides_are_parsed_as_yaml_values():
     ("grpo.scale_rewards=max", "grpo.scale_rewards: Input should be 'group', 'batch' or 'none'"),
     ("grpo.minibatch_size=100", "grpo.minibatch_size=100 must divide"),
     ("rollout.top_p=1.5", "rollout.top_p: Input should be less than or equal to 1"),
-    ("reward.target_language=xx", "reward.target_language: Value error, unknown language 'xx'"),
+    ("reward.target_language=xx", "reward.target_language: unknown language 'xx'"),
     ("device=tpu", "device: Input should be 'auto', 'cpu' or 'cuda'"),
     ("grpo.iterations=many", "grpo.iterations: Input should be a valid integer"),
 ])

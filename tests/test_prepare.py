@@ -78,7 +78,7 @@ def test_a_gsm8k_style_jsonl_file_is_split_into_answer_and_reasoning(tiny_params
     ('{"prompt": "1+1", "answer": "2"}\n{"prompt": null, "answer": "3"}\n', "row 1: empty 'prompt'"),
     ('{"prompt_id": "a", "prompt": "1+1", "answer": "2"}\n{"prompt_id": "a", "prompt": "1+2", "answer": "3"}\n',
      "row 1: duplicate prompt_id 'a'"),
-    ("not json at all", "unreadable"),
+    ("not json at all", "line 1 is not valid JSON"),
 ])
 def test_a_bad_data_file_is_named_and_nothing_is_written(tiny_params, tmp_path, content, message):
     source = tmp_path / "data.jsonl"
