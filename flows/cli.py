@@ -51,10 +51,8 @@ def reference_step(params: Params, layout: Layout) -> Any:
 def train_step(params: Params, layout: Layout) -> Any:
     from prefect import tags
 
-    from flows.tracking import prewarm
     from flows.train import train
 
-    prewarm(layout.root)  # MLflow opens its store while Prefect starts up
     # A run triggered from the Prefect deployment passes its flow run id down through DVC.
     parent = os.environ.get("GRPO_PARENT_FLOW_RUN_ID")
     with tags(*([f"triggered-by:{parent}"] if parent else [])):

@@ -11,7 +11,6 @@ import os
 import subprocess
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from threading import Lock, Thread
 from typing import Any
 
 import pandas as pd
@@ -50,34 +49,20 @@ def run_tags(root: Path, prefect_flow_run_id: str | None) -> dict[str, str]:
     return {key: value for key, value in tags.items() if value}
 
 
-_STORE_LOCK = Lock()  # the prewarm thread and the tracker may open the store at the same time
-
-
 def _mlflow(root: Path):
-    with _STORE_LOCK:
-        import mlflow  # imported late: it takes seconds, and stages never need it
+    import mlflow  # imported late: it takes seconds, and stages never need it
 
-        mlflow.set_tracking_uri(tracking_uri(root))
-        mlflow.set_experiment(EXPERIMENT)
-        return mlflow
-
-
-def prewarm(root: Path) -> Thread:
-    """Import MLflow and open its store on a thread, while the caller waits on something else.
-
-    The train stage calls this before its Prefect flow starts: the seconds MLflow needs to
-    import and migrate its sqlite store then overlap Prefect's temporary server booting.
-    """
-    thread = Thread(target=_mlflow, args=(root,), name="mlflow-prewarm", daemon=True)
-    thread.start()
-    return thread
+    mlflow.set_tracking_uri(tracking_uri(root))
+    mlflow.set_experiment(EXPERIMENT)
+    return mlflow
 
 
 class Tracker:
     """The MLflow run of one training run: params once, metrics per iteration, samples, model.
 
     Every call to the store runs, in order, on one background thread, so an iteration never
-    waits on sqlite or the artifact store. A failed call is raised on the next call here.
+    waits on sqlite or the artifact store, and MLflow's seconds of import and store setup
+    overlap the first iterations. A failed call is raised on the next call here.
     """
 
     def __init__(self, params: Params, layout: Layout, prefect_flow_run_id: str | None = None,

@@ -67,7 +67,7 @@ def rollout_task(params: Params, layout: Layout, iteration: int, state: TrainSta
 @task(name="reward", task_run_name="reward-{iteration:04d}", retries=2, retry_delay_seconds=1,
       retry_condition_fn=transient, **STAGE)
 def reward_task(params: Params, layout: Layout, iteration: int) -> dict[str, Any]:
-    return reward(params.reward, layout, iteration)
+    return reward(params.reward, layout, iteration, params.rollout.group_size)
 
 
 @task(name="advantage", task_run_name="advantage-{iteration:04d}", **STAGE)
