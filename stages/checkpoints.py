@@ -19,8 +19,10 @@ def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     model.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
     # Plain tensors and numbers only, so it loads with weights_only=True (no pickle of code).
-    with atomic_path(staging / OPTIMIZER_FILE) as tmp:
-        torch.save(optimizer.state_dict(), tmp)
+    # Saved through a file object: torch names the archive inside after a path, and the
+    # temporary path is random, which would make identical states differ byte for byte.
+    with atomic_path(staging / OPTIMIZER_FILE) as tmp, open(tmp, "wb") as file:
+        torch.save(optimizer.state_dict(), file)
     replace_dir(staging, target)
 
 

@@ -7,17 +7,15 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, start_prefect_server, stop
 
 BIN = Path(sys.executable).parent
 
@@ -119,12 +117,6 @@ def test_dvc_repro_runs_the_dag_once_and_reruns_only_what_a_grpo_knob_touches(re
     _run(["git", "checkout", "params.yaml"], repo, env)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Worker:
     """`prefect worker start` for the project's work pool, as a user runs it."""
 
@@ -142,40 +134,19 @@ class Worker:
         self.process.wait()
 
     def stop(self) -> None:
-        _stop(self.process)
-
-
-def _stop(process: subprocess.Popen) -> None:
-    process.send_signal(signal.SIGINT)  # a clean shutdown
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
+        stop(self.process)
 
 
 @pytest.fixture(scope="module")
 def prefect_server(env, repo):
-    port = _free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 90
-    while True:
-        try:
-            urllib.request.urlopen(f"{api}/health", timeout=2)
-            break
-        except OSError:
-            if time.time() > deadline or server.poll() is not None:
-                server.kill()
-                raise RuntimeError("prefect server did not become healthy")
-            time.sleep(0.5)
+    server, api = start_prefect_server(env)
     client_env = {**env, "PREFECT_API_URL": api}
     _run([str(BIN / "prefect"), "work-pool", "create", "grpo-local", "--type", "process"], repo, client_env)
     _run([str(BIN / "prefect"), "--no-prompt", "deploy", "--name", "grpo"], repo, client_env)
     worker = Worker(repo, client_env)
     yield api, client_env, worker
     worker.stop()
-    _stop(server)
+    stop(server)
 
 
 def _trigger(api: str, parameters: dict, timeout: float = 600):

@@ -1,0 +1,61 @@
+"""`grpo train`, killed with SIGKILL at one chosen point of one iteration: a crash on demand.
+
+    python tests/kill_at.py <point> <iteration> train --params ... --root ...
+
+Points (each a real `kill -9` of this process, no cleanup runs):
+  rollout     completions generated, rollouts.parquet not yet written
+  update      the optimizer has stepped once in memory, nothing of the update saved
+  checkpoint  the checkpoint is written, the iteration's manifest is not
+
+The product has no fault hooks; this wraps its functions from outside, like a debugger would.
+"""
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import flows.train  # noqa: E402
+import stages.rollout  # noqa: E402
+import stages.update  # noqa: E402
+from flows.cli import main  # noqa: E402
+
+
+def die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def wrap(module, name: str, before=None, after=None) -> None:
+    original = getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        if before:
+            before(*args, **kwargs)
+        result = original(*args, **kwargs)
+        if after:
+            after(*args, **kwargs)
+        return result
+
+    setattr(module, name, wrapper)
+
+
+def arm(point: str, iteration: int) -> None:
+    if point == "rollout":
+        target = f"iterations/{iteration:04d}/rollouts.parquet"
+        wrap(stages.rollout, "write_parquet", before=lambda path, *_: target in str(path) and die())
+    elif point == "update":
+        current = {}
+        wrap(flows.train, "update", before=lambda params, layout, i, *_: current.update(iteration=i))
+        wrap(stages.update, "policy_step", after=lambda *_: current.get("iteration") == iteration and die())
+    elif point == "checkpoint":
+        wrap(flows.train, "write_manifest", before=lambda layout, i, *_: i == iteration and die())
+    else:
+        raise SystemExit(f"unknown point {point!r}")
+
+
+if __name__ == "__main__":
+    arm(sys.argv[1], int(sys.argv[2]))
+    sys.argv = [sys.argv[0], *sys.argv[3:]]
+    main()

@@ -1,0 +1,162 @@
+"""Crash and re-run: a run killed with SIGKILL anywhere, then re-run with the same command,
+ends exactly where an uninterrupted run does; two runs are bit-identical; damaged artefacts
+from an earlier run are detected by digest and redone, never trusted.
+
+Every run here is the real `grpo train` command in its own process (Prefect flow reporting
+to a real server, MLflow tracking), on the tiny config with four iterations.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import ROOT, TINY, start_prefect_server, stop
+from stages.artifacts import Layout, file_digest
+from stages.config import load_params, set_key
+
+ITERATIONS = 4
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    state = tmp_path_factory.mktemp("state")
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "PYTEST_"))}
+    environment.update({"PREFECT_HOME": str(state / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                        "MLFLOW_TRACKING_URI": f"sqlite:///{state / 'mlflow.db'}", "DO_NOT_TRACK": "1"})
+    # One server for all runs: a killed process cannot stop a temporary server of its own.
+    server, api = start_prefect_server(environment)
+    yield {**environment, "PREFECT_API_URL": api}
+    stop(server)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """Prompts, reference model and params.yaml: what `train` starts from."""
+    root = tmp_path_factory.mktemp("prepared")
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for override in [*TINY, f"grpo.iterations={ITERATIONS}"]:
+        key, _, value = override.partition("=")
+        set_key(raw, key, yaml.safe_load(value))
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    from stages.prepare import prepare
+    from stages.reference import reference
+
+    params = load_params(root / "params.yaml")
+    prepare(params, Layout(root))
+    reference(params, Layout(root))
+    return root
+
+
+def workspace(prepared: Path, tmp_path: Path, name: str) -> Path:
+    root = tmp_path / name
+    shutil.copytree(prepared, root)
+    return root
+
+
+def train(root: Path, env: dict[str, str], kill_at: tuple[str, int] | None = None) -> subprocess.CompletedProcess:
+    command = ["train", "--params", str(root / "params.yaml"), "--root", str(root)]
+    prefix = [sys.executable, str(HERE / "kill_at.py"), kill_at[0], str(kill_at[1])] if kill_at else \
+        [sys.executable, "-m", "flows.cli"]
+    return subprocess.run(prefix + command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def without_timings(frame_or_dict):
+    """Wall-clock seconds are the one thing that differs between identical runs."""
+    if isinstance(frame_or_dict, pd.DataFrame):
+        return frame_or_dict[[c for c in frame_or_dict.columns if not c.startswith(("seconds/", "rollout/tokens"))]]
+    return {k: v for k, v in frame_or_dict.items() if not k.startswith(("seconds/", "rollout/tokens"))}
+
+
+def outcome(root: Path) -> dict:
+    """What a run leaves behind: final weights and the per-iteration metrics."""
+    layout = Layout(root)
+    return {"policy": file_digest(layout.policy / "model.safetensors"),
+            "iterations.csv": without_timings(pd.read_csv(layout.metrics / "iterations.csv")).to_dict("list")}
+
+
+def artefacts(root: Path) -> dict:
+    """Every artefact of every iteration, by content."""
+    layout = Layout(root)
+    found = outcome(root)
+    for i in range(1, ITERATIONS + 1):
+        folder = layout.iteration(i)
+        for name in ("rollouts.parquet", "rewards.parquet", "advantages.parquet"):
+            found[f"{i}/{name}"] = file_digest(folder / name)
+        found[f"{i}/update.json"] = without_timings(json.loads((folder / "update.json").read_text()))
+    for checkpoint in sorted((layout.runs / "checkpoints").iterdir()):
+        for name in ("model.safetensors", "optimizer.pt"):
+            found[f"checkpoint/{checkpoint.name}/{name}"] = file_digest(checkpoint / name)
+    return found
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(prepared, env, tmp_path_factory):
+    root = workspace(prepared, tmp_path_factory.mktemp("runs"), "uninterrupted")
+    result = train(root, env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root
+
+
+def test_two_identical_runs_leave_bit_identical_artefacts(uninterrupted, prepared, env, tmp_path):
+    again = workspace(prepared, tmp_path, "again")
+    assert train(again, env).returncode == 0
+    assert artefacts(again) == artefacts(uninterrupted)
+
+
+def written_before_the_kill(root: Path, point: str, iteration: int) -> None:
+    """The crash hit the window it was aimed at."""
+    folder, checkpoint = Layout(root).iteration(iteration), Layout(root).checkpoint(iteration)
+    assert not (folder / "manifest.json").exists()
+    assert (folder / "rollouts.parquet").exists() == (point != "rollout")
+    assert (folder / "update.json").exists() == (point == "checkpoint")
+    assert checkpoint.is_dir() == (point == "checkpoint")
+
+
+@pytest.mark.parametrize("point", ["rollout", "update", "checkpoint"])
+def test_a_run_killed_mid_iteration_resumes_to_the_uninterrupted_result(point, uninterrupted, prepared, env, tmp_path):
+    root = workspace(prepared, tmp_path, point)
+    killed = train(root, env, kill_at=(point, 3))
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    written_before_the_kill(root, point, 3)
+
+    resumed = train(root, env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming after iteration 2" in resumed.stdout + resumed.stderr
+    assert outcome(root) == outcome(uninterrupted)
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage, target, redone_from", [
+    (truncate, "runs/iterations/0003/rewards.parquet", 0),  # the checkpoints before it are pruned: start over
+    (flip_a_byte, "runs/checkpoints/0004/model.safetensors", 3),
+    (truncate, "runs/checkpoints/0004/optimizer.pt", 3),
+], ids=["truncated-parquet", "corrupted-weights", "truncated-optimizer-state"])
+def test_damaged_artefacts_are_detected_by_digest_and_redone(damage, target, redone_from, uninterrupted, tmp_path, env):
+    root = tmp_path / "damaged"
+    shutil.copytree(uninterrupted, root)
+    damage(root / target)
+
+    rerun = train(root, env)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    log = rerun.stdout + rerun.stderr
+    assert (f"resuming after iteration {redone_from}" in log) if redone_from else ("resuming" not in log)
+    assert artefacts(root) == artefacts(uninterrupted)
