@@ -127,6 +127,11 @@ def completion_logprobs(
     # Logits only where they predict a completion token: the vocab projection is the big cost.
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
                    logits_to_keep=width + 1).logits[:, :-1].float() / temperature
+    return _token_logprobs(logits, completion_ids, with_entropy)
+
+
+def _token_logprobs(logits: torch.Tensor, completion_ids: torch.Tensor,
+                    with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     logp = F.log_softmax(logits, dim=-1)
     token_logp = logp.gather(-1, completion_ids[..., None]).squeeze(-1)
     entropy = None
@@ -134,3 +139,43 @@ def completion_logprobs(
         with torch.no_grad():
             entropy = -(logp.exp() * logp).sum(-1)
     return token_logp, entropy
+
+
+def shared_prompt_logprobs(
+    model: PreTrainedModel,
+    prompt_ids: torch.Tensor,  # [B, P] left-padded
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,  # [B, T] right-padded
+    completion_mask: torch.Tensor,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`completion_logprobs`, with each distinct prompt run once and its KV cache shared by its rows.
+
+    A GRPO batch holds up to G completions of every prompt: the prompt's forward (and, under
+    grad, its backward) is done once, not once per completion. The result and its gradient
+    are those of `completion_logprobs` up to float summation order. The last completion token
+    is never fed: nothing reads its output.
+    """
+    # Rows are the same prompt when ids and padding agree (a pad id can also be a real token).
+    unique, row_prompt = torch.unique(torch.cat([prompt_ids, prompt_mask], dim=1), dim=0, return_inverse=True)
+    if len(unique) == len(prompt_ids):  # nothing shared: one forward is cheaper
+        return completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                                   temperature, with_entropy)
+    width = prompt_ids.shape[1]
+    unique_ids, unique_mask = unique[:, :width], unique[:, width:]
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=unique_ids, attention_mask=unique_mask, position_ids=positions(unique_mask),
+                past_key_values=cache, use_cache=True, logits_to_keep=1)
+    first_logits = out.logits[row_prompt]  # [B, 1, V]: predicts each completion's first token
+    if completion_ids.shape[1] == 1:
+        logits = first_logits
+    else:
+        cache = out.past_key_values
+        cache.batch_select_indices(row_prompt)
+        fed_ids, fed_mask = completion_ids[:, :-1], completion_mask[:, :-1]
+        mask = torch.cat([prompt_mask, fed_mask], dim=1)
+        rest = model(input_ids=fed_ids, attention_mask=mask, position_ids=positions(mask)[:, prompt_mask.shape[1]:],
+                     past_key_values=cache, use_cache=True).logits
+        logits = torch.cat([first_logits, rest], dim=1)
+    return _token_logprobs(logits.float() / temperature, completion_ids, with_entropy)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from stages.batching import CompletionBatch
-from stages.generation import completion_logprobs, sample, top_p_filter
+from stages.generation import completion_logprobs, sample, shared_prompt_logprobs, top_p_filter
 from stages.modeling import build_tiny_model, build_tokenizer, encode_prompts, prompt_text
 
 PROMPTS = ["What is 12 + 34?", "What is 99 - 10?", "Hi"]
@@ -44,6 +44,31 @@ def test_kept_logprobs_equal_a_fresh_forward_pass(model_and_tokenizer):
     with torch.no_grad():
         fresh, _ = completion_logprobs(model, *batch.as_inputs(), temperature=0.7)
     torch.testing.assert_close(fresh * batch.completion_mask, out.logprobs, atol=1e-5, rtol=0)
+
+
+def test_sharing_each_prompts_forward_gives_the_plain_logprobs_and_gradients(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    ids = encode_prompts(tokenizer, PROMPTS)  # different lengths: left padding differs by prompt
+    out = sample(model, ids, group_size=3, max_new_tokens=12, eos_ids=[tokenizer.eos_token_id],
+                 pad_id=tokenizer.pad_token_id, generator=torch.Generator().manual_seed(1))
+    completions = [row[:n].tolist() for row, n in zip(out.completion_ids, out.lengths)]
+    order = torch.randperm(len(completions), generator=torch.Generator().manual_seed(2))  # as a minibatch
+    batch = CompletionBatch.from_lists([ids[i // 3] for i in order], [completions[i] for i in order],
+                                       tokenizer.pad_token_id)
+    mask = batch.completion_mask
+
+    def logprobs_and_grads(fn):
+        model.zero_grad()
+        logp, entropy = fn(model, *batch.as_inputs(), temperature=0.7, with_entropy=True)
+        (logp * mask * torch.linspace(-1, 1, mask.shape[1])).sum().backward()
+        return logp * mask, entropy * mask, [p.grad.clone() for p in model.parameters()]
+
+    plain, shared = logprobs_and_grads(completion_logprobs), logprobs_and_grads(shared_prompt_logprobs)
+    torch.testing.assert_close(shared[0], plain[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(shared[1], plain[1], atol=1e-5, rtol=0)
+    for got, expected in zip(shared[2], plain[2]):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    model.zero_grad()
 
 
 def test_sampling_is_reproducible_from_the_generator_seed(model_and_tokenizer):

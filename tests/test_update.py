@@ -1,0 +1,122 @@
+"""The update stage: its fast path (each prompt's forward shared by its completions, the
+reference in chunks) steps the policy as the plain loop over DESIGN.md's objective does.
+
+The comparisons step with SGD: Adam divides each gradient by its own running scale, which
+turns float-order noise in near-zero gradients (embedding rows of unused tokens) into
+differences of order lr; SGD keeps the weights a faithful picture of the gradients.
+"""
+
+import copy
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from stages.artifacts import Layout, write_parquet
+from stages.config import TinyModel, load_params
+from stages.generation import completion_logprobs, sample
+from stages.modeling import build_tiny_model, build_tokenizer, encode_prompts
+from stages.objective import grpo_loss
+from stages.rollout import iteration_seed
+from stages.update import TrainState, load_update_batch, make_optimizer, update
+
+from conftest import ROOT, TINY
+
+PROMPTS = ["What is 12 + 34?", "What is 99 - 10?", "What is 7 + 8?"]  # two prompt lengths: left padding
+G = 4
+LR = 0.5
+
+
+@pytest.fixture(scope="module")
+def iteration_files(tmp_path_factory):
+    """One iteration's rollouts.parquet and advantages.parquet, sampled from a tiny model."""
+    tokenizer = build_tokenizer()
+    shape = TinyModel(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position_embeddings=64)
+    model = build_tiny_model(shape, tokenizer, seed=5).eval()
+    ids = encode_prompts(tokenizer, PROMPTS)
+    out = sample(model, ids, group_size=G, max_new_tokens=10, eos_ids=[tokenizer.eos_token_id],
+                 pad_id=tokenizer.pad_token_id, generator=torch.Generator().manual_seed(0))
+    lengths = out.lengths.tolist()
+    rows = len(PROMPTS) * G
+    layout = Layout(tmp_path_factory.mktemp("run"))
+    folder = layout.iteration(1)
+    write_parquet(folder / "rollouts.parquet", pd.DataFrame({
+        "prompt_id": np.repeat(np.arange(len(PROMPTS)), G), "sample": np.tile(np.arange(G), len(PROMPTS)),
+        "prompt_ids": [ids[i // G] for i in range(rows)],
+        "completion_ids": [row[:n] for row, n in zip(out.completion_ids.tolist(), lengths)],
+        "logprobs": [row[:n] for row, n in zip(out.logprobs.tolist(), lengths)],
+    }))
+    advantages = torch.randn(rows, generator=torch.Generator().manual_seed(1)).numpy()
+    write_parquet(folder / "advantages.parquet", pd.DataFrame({
+        "prompt_id": np.repeat(np.arange(len(PROMPTS)), G), "sample": np.tile(np.arange(G), len(PROMPTS)),
+        "advantage": advantages}))
+    return layout, model, tokenizer
+
+
+def params_for(loss_agg: str, beta: float):
+    return load_params(ROOT / "params.yaml", [*TINY, f"rollout.prompts_per_iteration={len(PROMPTS)}",
+                                              f"rollout.group_size={G}", "rollout.max_new_tokens=10",
+                                              "grpo.minibatch_size=6", "grpo.mu=2",
+                                              f"grpo.beta={beta}", f"grpo.loss_agg={loss_agg}"])
+
+
+def plain_update(params, layout: Layout, model, tokenizer, reference) -> list[torch.Tensor]:
+    """The objective as DESIGN.md states it: every row's full forward, minibatch by minibatch."""
+    cfg = params.grpo
+    batch = load_update_batch(layout, 1, tokenizer.pad_token_id)
+    if cfg.beta:
+        with torch.no_grad():
+            batch.ref_logp, _ = completion_logprobs(reference, *batch.inputs.as_inputs())
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    generator = torch.Generator().manual_seed(iteration_seed(params.seed, 1, 2))
+    model.train()
+    for _ in range(cfg.mu):
+        for rows in torch.randperm(len(batch.advantages), generator=generator).split(cfg.minibatch_size):
+            minibatch = batch.rows(rows)
+            logp, _ = completion_logprobs(model, *minibatch.inputs.as_inputs())
+            loss, _ = grpo_loss(logp, minibatch.old_logp, minibatch.ref_logp, minibatch.advantages,
+                                minibatch.inputs.completion_mask.float(), eps_low=cfg.eps_low,
+                                eps_high=cfg.eps_high, beta=cfg.beta, loss_agg=cfg.loss_agg,
+                                max_new_tokens=params.rollout.max_new_tokens)
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+    return [p.detach() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("loss_agg", ["grpo", "dapo", "dr_grpo"])
+def test_the_update_steps_the_policy_as_the_plain_loop_does(iteration_files, loss_agg):
+    layout, model, tokenizer = iteration_files
+    params = params_for(loss_agg, beta=0.1)
+    policy = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(policy.parameters(), lr=LR)
+    metrics = update(params, layout, 1, TrainState(policy, tokenizer, optimizer), model)
+    expected = plain_update(params, layout, copy.deepcopy(model), tokenizer, model)
+    assert metrics["optimizer_steps"] == 4
+    for got, want in zip(policy.parameters(), expected):
+        torch.testing.assert_close(got.detach(), want, atol=1e-5, rtol=0)
+    # The steps moved the policy: the comparison above is not between two untouched models.
+    assert max((got - start).abs().max() for got, start in zip(expected, model.parameters())) > 1e-3
+
+
+def test_the_optimizer_is_adamw_with_the_configured_lr_and_weight_decay(iteration_files):
+    _, model, _ = iteration_files
+    params = params_for("grpo", beta=0.1)
+    optimizer = make_optimizer(copy.deepcopy(model), params)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert optimizer.defaults["lr"] == params.grpo.lr
+    assert optimizer.defaults["weight_decay"] == params.grpo.weight_decay
+
+
+def test_with_beta_zero_the_reference_is_never_run(iteration_files):
+    layout, model, tokenizer = iteration_files
+    params = params_for("grpo", beta=0.0)
+    policy = copy.deepcopy(model)
+    metrics = update(params, layout, 1, TrainState(policy, tokenizer, torch.optim.SGD(policy.parameters(), lr=LR)),
+                     None)
+    assert "kl" not in metrics
+    expected = plain_update(params, layout, copy.deepcopy(model), tokenizer, None)
+    for got, want in zip(policy.parameters(), expected):
+        torch.testing.assert_close(got.detach(), want, atol=1e-5, rtol=0)
