@@ -52,7 +52,12 @@ def run_tags(root: Path, prefect_flow_run_id: str | None) -> dict[str, str]:
 def _mlflow(root: Path):
     import mlflow  # imported late: it takes seconds, and stages never need it
 
+    default_store = "MLFLOW_TRACKING_URI" not in os.environ  # read first: set_tracking_uri sets it
     mlflow.set_tracking_uri(tracking_uri(root))
+    if default_store and mlflow.get_experiment_by_name(EXPERIMENT) is None:
+        # MLflow would put artifacts in ./mlruns of whoever creates the experiment first: in
+        # a DVC --temp copy, that folder is deleted with the copy. Pin it to the project root.
+        mlflow.create_experiment(EXPERIMENT, artifact_location=(project_root(root) / "mlruns").as_uri())
     mlflow.set_experiment(EXPERIMENT)
     return mlflow
 
