@@ -72,6 +72,10 @@ class Layout:
         return self.inside(self.root / "metrics")
 
 
+_UMASK = os.umask(0o022)  # read once, at import: os.umask can only be read by setting it
+os.umask(_UMASK)
+
+
 @contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temporary path beside `target`; rename it over `target` only on success."""
@@ -81,6 +85,7 @@ def atomic_path(target: Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private; the artefact gets normal permissions
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
