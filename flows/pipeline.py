@@ -103,7 +103,8 @@ def dvc_exp_run(root: Path, overrides: dict[str, Scalar], name: str, parent_flow
     process = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, bufsize=1, start_new_session=True)
     finished, orphaned = Event(), Event()
-    Thread(target=_stop_when_orphaned, args=(process, os.getppid(), finished, orphaned), daemon=True).start()
+    if os.environ.get("PREFECT__FLOW_RUN_ID"):  # launched by a worker or `serve`, not run from a shell
+        Thread(target=_stop_when_orphaned, args=(process, os.getppid(), finished, orphaned), daemon=True).start()
     tail: list[str] = []
     stage = None
     assert process.stdout is not None
