@@ -49,14 +49,18 @@ def reference_step(params: Params, layout: Layout) -> Any:
 
 
 def train_step(params: Params, layout: Layout) -> Any:
-    from prefect import tags
+    from flows.server import prefect_api
 
-    from flows.train import train
+    with prefect_api() as server_ready:  # a temporary server boots while the flow's imports run
+        from prefect import tags
 
-    # A run triggered from the Prefect deployment passes its flow run id down through DVC.
-    parent = os.environ.get("GRPO_PARENT_FLOW_RUN_ID")
-    with tags(*([f"triggered-by:{parent}"] if parent else [])):
-        return train(params, layout)
+        from flows.train import train
+
+        server_ready()
+        # A run triggered from the Prefect deployment passes its flow run id down through DVC.
+        parent = os.environ.get("GRPO_PARENT_FLOW_RUN_ID")
+        with tags(*([f"triggered-by:{parent}"] if parent else [])):
+            return train(params, layout)
 
 
 def evaluate_step(params: Params, layout: Layout) -> Any:

@@ -1,0 +1,123 @@
+"""Prefect's temporary API server, booted beside the imports instead of after them.
+
+Without PREFECT_API_URL a Prefect flow boots a temporary server when it starts: it imports
+Prefect's server code into this process (~3 s) and then waits for the server process to come
+up (~4 s), both before the first iteration. `prefect_api()` starts that same server (the
+command Prefect runs, with the settings Prefect passes it) as the first thing `grpo train`
+does, so it comes up on another core while torch, transformers and the flow are imported,
+and this process never imports the server. With an API URL configured it does nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+
+PR_SET_PDEATHSIG = 1
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _server_process_setup() -> Callable[[], None]:
+    """What the server process does before it starts, prepared here (nothing to import after fork)."""
+    libc = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
+
+    def setup() -> None:
+        # Lowest CPU priority: the server's bookkeeping (recording task runs from their events)
+        # then runs when training leaves a core idle, instead of preempting one of torch's
+        # threads, which stalls the others at the next barrier.
+        os.nice(19)
+        if libc is not None:  # SIGTERM when `grpo train` dies, even by SIGKILL
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+    return setup
+
+
+class TemporaryServer:
+    """`python -m uvicorn … prefect.server.api.server:create_app` on 127.0.0.1, as Prefect runs it."""
+
+    def __init__(self, environment: dict[str, str]) -> None:
+        import prefect
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/api"
+        command = [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parent.parent),
+                   "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
+                   "--port", str(self.port), "--log-level", "error", "--lifespan", "on"]
+        # The environment Prefect gives its own temporary server: no UI, only the services an
+        # ephemeral server runs (it records the task runs and events of this flow).
+        env = {**os.environ, **environment,
+               "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+        self.process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL,
+                                        preexec_fn=_server_process_setup())
+
+    def wait_until_healthy(self, timeout: float) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the temporary Prefect server exited with code {self.process.returncode}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"the temporary Prefect server on {self.url} did not answer within {timeout:.0f} s")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+@contextmanager
+def prefect_api() -> Iterator[Callable[[], None]]:
+    """Within: Prefect talks to the configured API, or to a temporary server started now.
+
+    Yields `ready`: call it before the first Prefect call; it waits until the temporary server
+    answers (as long as Prefect itself would), so the caller can go on importing meanwhile.
+    """
+    from prefect.settings import (PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, PREFECT_UI_URL,
+                                  get_current_settings, temporary_settings)
+
+    settings = get_current_settings()
+    if settings.api.url or not settings.server.ephemeral.enabled:
+        yield lambda: None
+        return
+    server = TemporaryServer(settings.to_environment_variables(exclude_unset=True))
+    print(f"prefect: temporary server on {server.url.removesuffix('/api')} "
+          "(set PREFECT_API_URL to report to a running server instead)", file=sys.stderr, flush=True)
+    try:
+        # No UI link in the logs: this server serves no UI, and it stops with the process.
+        with temporary_settings(updates={PREFECT_API_URL: server.url, PREFECT_UI_URL: ""}):
+            yield partial(server.wait_until_healthy, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
+    finally:
+        drain_prefect_workers()
+        server.stop()
+
+
+def drain_prefect_workers() -> None:
+    """Send the logs and events Prefect still queues in the background: the server is about to go."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all()
+    EventsWorker.drain_all()
