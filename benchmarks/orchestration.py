@@ -78,6 +78,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--iterations", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "orchestration.json",
+                        help="where the JSON goes (--iterations 1 measures the fixed cost per run)")
     parser.add_argument("--direct", nargs=2, metavar=("PARAMS", "ROOT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.direct:  # the child process of the direct arm
@@ -123,7 +125,7 @@ def main() -> None:
         "overhead_ratio_vs_iterations_only": medians["orchestrated"] / medians["direct_iterations_only"],
         "overhead_seconds_per_iteration": (medians["orchestrated"] - medians["direct"]) / args.iterations,
     }
-    target = ROOT / "benchmarks" / "results" / "orchestration.json"
+    target = args.output
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
