@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,8 @@ os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{os.path.join(_STATE, '
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+from flows.server import free_port  # noqa: E402  (after the environment above)
+
 TINY = [
     "data.builtin.train_size=200", "data.builtin.test_size=20",
     "model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2",
@@ -37,12 +38,6 @@ TINY = [
     "grpo.iterations=2", "grpo.minibatch_size=8", "grpo.lr=0.001",
     "eval.max_new_tokens=24",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_prefect_server(env: dict[str, str]) -> tuple[subprocess.Popen, str]:
@@ -69,6 +64,26 @@ def stop(process: subprocess.Popen) -> None:
         process.wait(timeout=20)
     except subprocess.TimeoutExpired:
         process.kill()
+
+
+def prepare_tiny_project(root: Path, iterations: int) -> Path:
+    """params.yaml (tiny, `iterations` GRPO iterations), prompts and reference model: what `train` starts from."""
+    import yaml
+
+    from stages.artifacts import Layout
+    from stages.config import load_params, set_key
+    from stages.prepare import prepare
+    from stages.reference import reference
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for override in [*TINY, f"grpo.iterations={iterations}"]:
+        key, _, value = override.partition("=")
+        set_key(raw, key, yaml.safe_load(value))
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    params = load_params(root / "params.yaml")
+    prepare(params, Layout(root))
+    reference(params, Layout(root))
+    return root
 
 
 @pytest.fixture

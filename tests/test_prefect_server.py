@@ -19,11 +19,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-import yaml
 
-from conftest import ROOT, TINY, start_prefect_server, stop
-from stages.artifacts import Layout
-from stages.config import load_params, set_key
+from conftest import ROOT, prepare_tiny_project, start_prefect_server, stop
 
 ITERATIONS = 3
 
@@ -80,20 +77,8 @@ def test_the_temporary_server_listens_on_localhost_at_the_lowest_priority_and_st
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    """Prompts, reference model and params.yaml of a tiny run, and a Prefect home of its own."""
-    root = tmp_path_factory.mktemp("project")
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for override in [*TINY, f"grpo.iterations={ITERATIONS}"]:
-        key, _, value = override.partition("=")
-        set_key(raw, key, yaml.safe_load(value))
-    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    from stages.prepare import prepare
-    from stages.reference import reference
-
-    params = load_params(root / "params.yaml")
-    prepare(params, Layout(root))
-    reference(params, Layout(root))
-    return root
+    """Prompts, reference model and params.yaml of a tiny run."""
+    return prepare_tiny_project(tmp_path_factory.mktemp("project"), ITERATIONS)
 
 
 def unconfigured_env(root: Path) -> dict[str, str]:

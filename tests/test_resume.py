@@ -17,11 +17,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 
-from conftest import ROOT, TINY, start_prefect_server, stop
+from conftest import ROOT, prepare_tiny_project, start_prefect_server, stop
 from stages.artifacts import Layout, file_digest
-from stages.config import load_params, set_key
 
 ITERATIONS = 4
 HERE = Path(__file__).resolve().parent
@@ -42,19 +40,7 @@ def env(tmp_path_factory):
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """Prompts, reference model and params.yaml: what `train` starts from."""
-    root = tmp_path_factory.mktemp("prepared")
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for override in [*TINY, f"grpo.iterations={ITERATIONS}"]:
-        key, _, value = override.partition("=")
-        set_key(raw, key, yaml.safe_load(value))
-    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    from stages.prepare import prepare
-    from stages.reference import reference
-
-    params = load_params(root / "params.yaml")
-    prepare(params, Layout(root))
-    reference(params, Layout(root))
-    return root
+    return prepare_tiny_project(tmp_path_factory.mktemp("prepared"), ITERATIONS)
 
 
 def workspace(prepared: Path, tmp_path: Path, name: str) -> Path:
