@@ -10,3 +10,4 @@ from flows.paths import project_root
 os.environ.setdefault("PREFECT_HOME", str(project_root(Path.cwd()) / ".prefect"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # MLflow reads DO_NOT_TRACK only when it is "true"
