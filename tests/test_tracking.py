@@ -1,0 +1,99 @@
+"""MLflow tracking of a training run, against a real sqlite store: what reaches MLflow, and when."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from stages.artifacts import Layout
+from stages.config import load_params
+from tests.conftest import ROOT
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """The default store of a project at tmp_path: sqlite at its root, artifacts under it."""
+    from flows.tracking import EXPERIMENT, _mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    mlflow = _mlflow(tmp_path)
+    try:
+        yield mlflow.MlflowClient(), mlflow.get_experiment_by_name(EXPERIMENT)
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def write_iteration(layout: Layout, iteration: int) -> None:
+    """The three parquet files a sample table is read from: two prompts, two completions each."""
+    keys = {"prompt_id": ["p0", "p0", "p1", "p1"], "sample": [0, 1, 0, 1]}
+    folder = layout.iteration(iteration)
+    folder.mkdir(parents=True)
+    pd.DataFrame({**keys, "prompt": ["1+1"] * 2 + ["2+2"] * 2,
+                  "completion": [f"it{iteration} c{i}" for i in range(4)]}).to_parquet(folder / "rollouts.parquet")
+    pd.DataFrame({**keys, "accuracy": [1.0, 0.0, 1.0, 1.0], "reward": [1.2, 0.2, 1.2, 1.2]}).to_parquet(
+        folder / "rewards.parquet")
+    pd.DataFrame({**keys, "advantage": [0.7, -0.7, 0.0, 0.0]}).to_parquet(folder / "advantages.parquet")
+
+
+def metrics_of(iteration: int, count: int = 3) -> dict[str, float]:
+    return {f"metric/{k}": iteration + k / 10 for k in range(count)}
+
+
+def run_of(client, experiment):
+    (run,) = client.search_runs([experiment.experiment_id])
+    return run
+
+
+def test_buffered_iterations_all_reach_mlflow_at_finish_with_their_steps(tmp_path, store):
+    from flows.tracking import Tracker
+
+    client, experiment = store
+    params = load_params(ROOT / "params.yaml", ["eval.samples_logged=3"])
+    layout = Layout(tmp_path)
+    tracker = Tracker(params, layout, run_name="buffered", flush_seconds=3600)
+    for iteration in (1, 2):
+        write_iteration(layout, iteration)
+        tracker.log_iteration(iteration, {**metrics_of(iteration), "note": "not a number"})
+    for future in tracker._pending:
+        future.result()  # the run exists, the iterations are still buffered
+    assert client.get_metric_history(run_of(client, experiment).info.run_id, "metric/0") == []
+
+    tracker.finish()
+    run = run_of(client, experiment)
+    assert run.info.status == "FINISHED" and run.info.run_name == "buffered"
+    history = client.get_metric_history(run.info.run_id, "metric/1")
+    assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [(1, 1.1), (2, 2.1)]
+    assert "note" not in run.data.metrics
+    samples = sorted(a.path for a in client.list_artifacts(run.info.run_id, "samples"))
+    assert samples == ["samples/iteration_0001.json", "samples/iteration_0002.json"]
+    table = json.loads(open(client.download_artifacts(run.info.run_id, samples[1], str(tmp_path / "dl"))).read())
+    assert [row["completion"] for row in table] == ["it2 c0", "it2 c1", "it2 c2"]  # the first samples_logged
+    assert [(row["reward"], row["advantage"]) for row in table] == [(1.2, 0.7), (0.2, -0.7), (1.2, 0.0)]
+
+
+def test_a_zero_flush_interval_sends_each_iteration_as_it_is_logged(tmp_path, store):
+    from flows.tracking import Tracker
+
+    client, experiment = store
+    tracker = Tracker(load_params(ROOT / "params.yaml"), Layout(tmp_path), flush_seconds=0)
+    tracker.log_iteration(1, metrics_of(1), samples=False)
+    for future in tracker._pending:
+        future.result()
+    run = run_of(client, experiment)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "metric/2")] == [1]
+    tracker.finish()
+
+
+def test_more_metrics_than_one_mlflow_call_takes_are_split_and_all_logged(tmp_path, store):
+    from flows.tracking import MAX_METRICS_PER_CALL, Tracker
+
+    client, experiment = store
+    tracker = Tracker(load_params(ROOT / "params.yaml"), Layout(tmp_path), flush_seconds=3600)
+    iterations = MAX_METRICS_PER_CALL // 20 + 5  # 20 metrics each: more than one call's worth
+    for iteration in range(1, iterations + 1):  # as a resumed run re-logs its done iterations
+        tracker.log_iteration(iteration, metrics_of(iteration, count=20), samples=False)
+    tracker.finish()
+    run = run_of(client, experiment)
+    assert len(client.get_metric_history(run.info.run_id, "metric/19")) == iterations
