@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pandas as pd
+import xxhash
 
 from stages.errors import PathError
 
@@ -111,10 +112,17 @@ def write_parquet(target: Path, frame: pd.DataFrame) -> None:
 
 
 def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+    """XXH3-128 of a file's bytes.
+
+    The manifests guard against accidents (a crash, a stray edit, a damaged disk), not an
+    adversary, and a run digests its ~10 MB checkpoint every iteration: XXH3 does that in
+    about 1 ms where SHA-256 takes 7 (DVC makes the same trade with MD5).
+    """
+    digest, block = xxhash.xxh3_128(), bytearray(1 << 20)
+    view = memoryview(block)
+    with open(path, "rb", buffering=0) as handle:
+        while size := handle.readinto(block):  # one reused buffer: a third of read()'s cost
+            digest.update(view[:size])
     return digest.hexdigest()
 
 
@@ -123,7 +131,7 @@ def tree_digest(path: Path) -> str:
     path = Path(path)
     if path.is_file():
         return file_digest(path)
-    digest = hashlib.sha256()
+    digest = xxhash.xxh3_128()
     for child in sorted(p for p in path.rglob("*") if p.is_file()):
         digest.update(str(child.relative_to(path)).encode())
         digest.update(file_digest(child).encode())
