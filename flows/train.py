@@ -25,6 +25,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
+from prefect.utilities.annotations import quote
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
@@ -84,6 +85,9 @@ def update_task(params: Params, layout: Layout, iteration: int, state: TrainStat
 def run_iteration(params: Params, layout: Layout, iteration: int, state: TrainState,
                   reference: PreTrainedModel | None) -> dict[str, Any]:
     started = time.perf_counter()
+    # quote(): Prefect otherwise walks every field of these objects on each task call, looking
+    # for futures to resolve (~1 ms a task); they hold none, and arrive unwrapped.
+    params, layout, state, reference = quote(params), quote(layout), quote(state), quote(reference)
     metrics: dict[str, Any] = {}
     metrics |= rollout_task(params, layout, iteration, state)
     metrics |= reward_task(params, layout, iteration)
