@@ -4,11 +4,16 @@ through the product (`dvc repro` → Prefect flow and tasks → MLflow).
     python benchmarks/orchestration.py --iterations 220 --repeats 2   # the default config
 
 Both arms start from the same prepared prompts and reference model, each in a fresh
-process (so both pay Python, torch and transformers imports), and run in alternation so
-machine noise hits both alike. The direct arm is a plain script calling the stage
-functions; the orchestrated arm is `dvc repro` of the train stage, which adds DVC, the
-Prefect flow (and its temporary server), manifests, MLflow and the metric files.
-Writes benchmarks/results/orchestration.json.
+process (so both pay Python, torch and transformers imports). The direct arm is a plain
+script calling the stage functions; the orchestrated arm is `dvc repro` of the train stage,
+which adds DVC, the Prefect flow (and its temporary server), manifests, MLflow and the
+metric files. Writes benchmarks/results/orchestration.json.
+
+The arms run time-sliced: both are started, and only one process group runs at a time,
+the other held with SIGSTOP, swapping every `--slice` seconds until both have finished. An
+arm's time is the sum of its running slices. On a shared machine whose speed drifts by 15%
+over minutes, this pairs the arms second by second, where running them one after the other
+compared a quiet machine's run with a busy one's.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -56,28 +62,53 @@ def direct_iterations(params_file: Path, root: Path) -> float:
     return time.perf_counter() - started
 
 
-def direct(params_file: Path, root: Path, env: dict[str, str]) -> tuple[float, float]:
-    """A fresh process running the plain iterations: (process wall seconds, iteration seconds)."""
-    shutil.rmtree(root / "runs", ignore_errors=True)
-    started = time.perf_counter()
-    result = subprocess.run([sys.executable, __file__, "--direct", str(params_file), str(root)], env=env, check=True,
-                            capture_output=True, text=True)
-    return time.perf_counter() - started, float(result.stdout.strip().splitlines()[-1])
+class Arm:
+    """One arm's process group, started on its first slice and held stopped between slices."""
+
+    def __init__(self, name: str, command: list[str], cwd: Path, env: dict[str, str], log: Path) -> None:
+        self.name, self.command, self.cwd, self.env, self.log = name, command, cwd, env, log
+        self.process: subprocess.Popen | None = None
+        self.seconds = 0.0
+
+    @property
+    def finished(self) -> bool:
+        return self.process is not None and self.process.poll() is not None
+
+    def run_for(self, seconds: float) -> None:
+        """Let the arm run for `seconds` (or until it exits), then stop its whole process group."""
+        started = time.perf_counter()
+        if self.process is None:  # its own session: DVC, the flow and the Prefect server share one group
+            with open(self.log, "w") as log:
+                self.process = subprocess.Popen(self.command, cwd=self.cwd, env=self.env, start_new_session=True,
+                                                stdout=log, stderr=subprocess.STDOUT)
+        else:
+            os.killpg(self.process.pid, signal.SIGCONT)
+        try:
+            self.process.wait(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGSTOP)
+        self.seconds += time.perf_counter() - started
+        if self.finished and self.process.returncode:
+            raise SystemExit(f"the {self.name} arm failed with code {self.process.returncode}; its output: {self.log}")
 
 
-def orchestrated(repo: Path, env: dict[str, str]) -> float:
-    """`dvc repro` of the train stage: a fresh process, the Prefect flow, MLflow tracking."""
-    shutil.rmtree(repo / "runs", ignore_errors=True)
-    started = time.perf_counter()
-    subprocess.run(["dvc", "repro", "--force", "--single-item", "train"], cwd=repo, env=env, check=True,
-                   capture_output=True)
-    return time.perf_counter() - started
+def run_time_sliced(arms: list[Arm], slice_seconds: float) -> None:
+    try:
+        while not all(arm.finished for arm in arms):
+            for arm in arms:
+                if not arm.finished:
+                    arm.run_for(slice_seconds)
+    finally:
+        for arm in arms:
+            if arm.process is not None and not arm.finished:
+                os.killpg(arm.process.pid, signal.SIGKILL)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--iterations", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--slice", type=float, default=2.0, help="seconds each arm runs before the other's turn")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "orchestration.json",
                         help="where the JSON goes (--iterations 1 measures the fixed cost per run)")
     parser.add_argument("--direct", nargs=2, metavar=("PARAMS", "ROOT"), help=argparse.SUPPRESS)
@@ -108,21 +139,26 @@ def main() -> None:
     direct_root = work / "direct"
     shutil.copytree(repo / "data", direct_root / "data")
     shutil.copytree(repo / "models", direct_root / "models")
-    times: dict[str, list[float]] = {"direct": [], "orchestrated": [], "direct_iterations_only": []}
+    times: dict[str, list[float]] = {"direct": [], "orchestrated": []}
     for repeat in range(args.repeats):
-        wall, iterations = direct(repo / "params.yaml", direct_root, env)
-        times["direct"].append(wall)
-        times["direct_iterations_only"].append(iterations)
-        times["orchestrated"].append(orchestrated(repo, env))
-        print(f"repeat {repeat + 1}: direct {wall:.1f}s (iterations {iterations:.1f}s)  "
-              f"orchestrated {times['orchestrated'][-1]:.1f}s", flush=True)
+        for root in (direct_root, repo):
+            shutil.rmtree(root / "runs", ignore_errors=True)
+        direct = Arm("direct", [sys.executable, __file__, "--direct", str(repo / "params.yaml"), str(direct_root)],
+                     ROOT, env, work / "direct.log")
+        orchestrated = Arm("orchestrated", ["dvc", "repro", "--force", "--single-item", "train"], repo, env,
+                           work / "orchestrated.log")
+        run_time_sliced([direct, orchestrated] if repeat % 2 == 0 else [orchestrated, direct], args.slice)
+        times["direct"].append(direct.seconds)
+        times["orchestrated"].append(orchestrated.seconds)
+        print(f"repeat {repeat + 1}: direct {direct.seconds:.1f}s  orchestrated {orchestrated.seconds:.1f}s  "
+              f"ratio {orchestrated.seconds / direct.seconds:.3f}", flush=True)
 
     medians = {arm: statistics.median(values) for arm, values in times.items()}
     result = {
-        "iterations": args.iterations, "repeats": args.repeats, "seconds": times,
+        "iterations": args.iterations, "repeats": args.repeats, "slice_seconds": args.slice, "seconds": times,
+        "ratios": [o / d for o, d in zip(times["orchestrated"], times["direct"])],
         "median_seconds": medians,
         "overhead_ratio": medians["orchestrated"] / medians["direct"],
-        "overhead_ratio_vs_iterations_only": medians["orchestrated"] / medians["direct_iterations_only"],
         "overhead_seconds_per_iteration": (medians["orchestrated"] - medians["direct"]) / args.iterations,
     }
     target = args.output
