@@ -146,7 +146,9 @@ class Tracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         """Flush, wait for everything queued, then close the run (with the policy, when it finished)."""
-        self.flush()
+        if self._buffer:  # queued without _submit's check: an earlier failure is collected below
+            self._pending.append(self._worker.submit(self._log_iterations, self._buffer))
+            self._buffer = []
         failure: BaseException | None = None
         for future in self._pending:
             try:
