@@ -1,7 +1,7 @@
 """Orchestration overhead: the same GRPO iterations run through the stages directly and
 through the product (`dvc repro` → Prefect flow and tasks → MLflow).
 
-    python benchmarks/orchestration.py --iterations 220 --repeats 2   # the default config
+    python benchmarks/orchestration.py --iterations 220 --repeats 3   # the default config
 
 Both arms start from the same prepared prompts and reference model, each in a fresh
 process (so both pay Python, torch and transformers imports). The direct arm is a plain
@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def direct_iterations(params_file: Path, root: Path) -> float:
+def direct_iterations(params_file: Path, root: Path) -> None:
     """The iterations as plain function calls: no Prefect, no MLflow, no DVC."""
     from stages.artifacts import Layout
     from stages.config import load_params
@@ -49,7 +49,6 @@ def direct_iterations(params_file: Path, root: Path) -> float:
 
     params, layout = load_params(params_file), Layout(root)
     configure_threads(params)
-    started = time.perf_counter()
     device = resolve_device(params)
     model = load_model(layout.reference, params.model, device, dtype=torch.float32).eval()
     state = TrainState(model, load_tokenizer(layout.reference), make_optimizer(model, params))
@@ -59,7 +58,6 @@ def direct_iterations(params_file: Path, root: Path) -> float:
         reward(params.reward, layout, iteration)
         advantage(params.grpo, params.rollout.group_size, layout, iteration)
         update(params, layout, iteration, state, reference)
-    return time.perf_counter() - started
 
 
 class Arm:
@@ -114,7 +112,7 @@ def main() -> None:
     parser.add_argument("--direct", nargs=2, metavar=("PARAMS", "ROOT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.direct:  # the child process of the direct arm
-        print(direct_iterations(Path(args.direct[0]), Path(args.direct[1])))
+        direct_iterations(Path(args.direct[0]), Path(args.direct[1]))
         return
 
     work = Path(tempfile.mkdtemp(prefix="grpo-bench-"))

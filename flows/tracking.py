@@ -93,10 +93,18 @@ class Tracker:
                      run_name or os.environ.get("GRPO_RUN_NAME") or os.environ.get("DVC_EXP_NAME"))
 
     def _submit(self, fn, *args) -> None:
+        self._raise_failures()
+        self._pending.append(self._worker.submit(fn, *args))
+
+    def _raise_failures(self) -> None:
         for future in [f for f in self._pending if f.done()]:
             self._pending.remove(future)
             future.result()  # raises what the store raised
-        self._pending.append(self._worker.submit(fn, *args))
+
+    def _queue_buffer(self) -> None:
+        if self._buffer:
+            self._pending.append(self._worker.submit(self._log_iterations, self._buffer))
+            self._buffer = []
 
     def _start(self, params: Params, prefect_flow_run_id: str | None, name: str | None) -> None:
         from mlflow.entities import Param
@@ -121,9 +129,8 @@ class Tracker:
 
     def flush(self) -> None:
         """Hand everything buffered to the background thread now."""
-        if self._buffer:
-            self._submit(self._log_iterations, self._buffer)
-            self._buffer = []
+        self._raise_failures()
+        self._queue_buffer()
         self._flushed = time.monotonic()
 
     def _log_iterations(self, entries: list[tuple[int, int, dict[str, float], bool]]) -> None:
@@ -146,9 +153,7 @@ class Tracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         """Flush, wait for everything queued, then close the run (with the policy, when it finished)."""
-        if self._buffer:  # queued without _submit's check: an earlier failure is collected below
-            self._pending.append(self._worker.submit(self._log_iterations, self._buffer))
-            self._buffer = []
+        self._queue_buffer()  # not via _submit: an earlier failure is collected below, after the run is closed
         failure: BaseException | None = None
         for future in self._pending:
             try:
