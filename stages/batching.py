@@ -6,17 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
-from stages.generation import left_pad
+from stages.generation import left_pad, pad_rows
 
 
 def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(1, max(len(s) for s in sequences))
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[row, :len(seq)] = 1
-    return ids, mask
+    return pad_rows(sequences, max(1, max(len(s) for s in sequences)), pad_id)
 
 
 @dataclass
@@ -42,7 +36,6 @@ class CompletionBatch:
 
 
 def pad_to(rows: list[list[float]], width: int, value: float = 0.0) -> torch.Tensor:
-    out = torch.full((len(rows), width), value)
-    for i, row in enumerate(rows):
-        out[i, :len(row)] = torch.tensor(row[:width])
-    return out
+    if any(len(row) > width for row in rows):
+        rows = [row[:width] for row in rows]
+    return pad_rows(rows, width, value, dtype=torch.float32)[0]

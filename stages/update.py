@@ -63,19 +63,30 @@ class UpdateBatch:
         return UpdateBatch(inputs, self.old_logp[index, :width], self.advantages[index], ref_logp)
 
 
+def aligned_advantages(rollouts: pd.DataFrame, advantages: pd.DataFrame, iteration: int) -> np.ndarray:
+    """advantages.parquet's `advantage` for each row of rollouts.parquet, matched on (prompt_id, sample)."""
+    keys = ["prompt_id", "sample"]
+    if (len(rollouts) == len(advantages) and not rollouts.duplicated(keys).any()
+            and all(np.array_equal(rollouts[k].to_numpy(), advantages[k].to_numpy()) for k in keys)):
+        merged = advantages  # the usual case: both files list the completions in the same order
+    else:
+        merged = rollouts[keys].merge(advantages, on=keys, how="left", validate="one_to_one")
+    missing = merged["advantage"].isna()
+    if missing.any():
+        row = merged[missing].iloc[0]
+        raise GroupError(f"advantages.parquet of iteration {iteration} has no advantage for "
+                         f"prompt_id={row['prompt_id']!r} sample={row['sample']}")
+    return merged["advantage"].to_numpy()
+
+
 def load_update_batch(layout: Layout, iteration: int, pad_id: int) -> UpdateBatch:
     folder = layout.iteration(iteration)
     rollouts = pd.read_parquet(folder / "rollouts.parquet", columns=["prompt_id", "sample", "prompt_ids", "completion_ids", "logprobs"])
     advantages = pd.read_parquet(folder / "advantages.parquet", columns=["prompt_id", "sample", "advantage"])
-    merged = rollouts.merge(advantages, on=["prompt_id", "sample"], how="left", validate="one_to_one")
-    missing = merged["advantage"].isna()
-    if missing.any():
-        row = merged[missing].iloc[0]
-        raise GroupError(f"advantages.parquet of iteration {iteration} lacks prompt_id={row['prompt_id']!r} sample={row['sample']}")
-    inputs = CompletionBatch.from_lists([list(p) for p in merged["prompt_ids"]],
-                                        [list(c) for c in merged["completion_ids"]], pad_id)
-    old_logp = pad_to([list(x) for x in merged["logprobs"]], inputs.completion_ids.shape[1])
-    return UpdateBatch(inputs, old_logp, torch.tensor(merged["advantage"].to_numpy(), dtype=torch.float32))
+    advantage = aligned_advantages(rollouts, advantages, iteration)
+    inputs = CompletionBatch.from_lists(list(rollouts["prompt_ids"]), list(rollouts["completion_ids"]), pad_id)
+    old_logp = pad_to(list(rollouts["logprobs"]), inputs.completion_ids.shape[1])
+    return UpdateBatch(inputs, old_logp, torch.tensor(advantage, dtype=torch.float32))
 
 
 @torch.inference_mode()
