@@ -73,9 +73,9 @@ def aligned_advantages(rollouts: pd.DataFrame, advantages: pd.DataFrame, iterati
         merged = rollouts[keys].merge(advantages, on=keys, how="left", validate="one_to_one")
     missing = merged["advantage"].isna()
     if missing.any():
-        row = merged[missing].iloc[0]
+        prompt_id, sample = rollouts[keys].iloc[int(np.flatnonzero(missing.to_numpy())[0])].tolist()
         raise GroupError(f"advantages.parquet of iteration {iteration} has no advantage for "
-                         f"prompt_id={row['prompt_id']!r} sample={row['sample']}")
+                         f"prompt_id={prompt_id!r} sample={sample}")
     return merged["advantage"].to_numpy()
 
 

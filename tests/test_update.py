@@ -7,6 +7,7 @@ differences of order lr; SGD keeps the weights a faithful picture of the gradien
 """
 
 import copy
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -15,6 +16,7 @@ import torch
 
 from stages.artifacts import Layout, write_parquet
 from stages.config import TinyModel, load_params
+from stages.errors import GroupError
 from stages.generation import completion_logprobs, sample
 from stages.modeling import build_tiny_model, build_tokenizer, encode_prompts
 from stages.objective import grpo_loss
@@ -120,3 +122,17 @@ def test_with_beta_zero_the_reference_is_never_run(iteration_files):
     expected = plain_update(params, layout, copy.deepcopy(model), tokenizer, None)
     for got, want in zip(policy.parameters(), expected):
         torch.testing.assert_close(got.detach(), want, atol=1e-5, rtol=0)
+
+
+def test_advantages_are_matched_to_completions_by_prompt_and_sample_in_any_row_order(iteration_files, tmp_path):
+    layout, _, tokenizer = iteration_files
+    in_order = load_update_batch(layout, 1, tokenizer.pad_token_id)
+    shuffled = Layout(tmp_path)
+    shutil.copytree(layout.iteration(1), shuffled.iteration(1))
+    advantages = pd.read_parquet(shuffled.iteration(1) / "advantages.parquet")
+    write_parquet(shuffled.iteration(1) / "advantages.parquet", advantages.sample(frac=1.0, random_state=0))
+    assert torch.equal(load_update_batch(shuffled, 1, tokenizer.pad_token_id).advantages, in_order.advantages)
+
+    write_parquet(shuffled.iteration(1) / "advantages.parquet", advantages.iloc[:-1])
+    with pytest.raises(GroupError, match=f"iteration 1 has no advantage for prompt_id={len(PROMPTS) - 1} sample={G - 1}"):
+        load_update_batch(shuffled, 1, tokenizer.pad_token_id)
