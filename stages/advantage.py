@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -15,15 +16,19 @@ from stages.objective import group_advantages, zero_std_groups
 
 def reward_matrix(rewards: pd.DataFrame, group_size: int) -> tuple[list, torch.Tensor]:
     """[P, G] rewards, one row per prompt in order of appearance, after checking the groups."""
-    prompt_ids = list(dict.fromkeys(rewards["prompt_id"]))
-    for prompt_id, group in rewards.groupby("prompt_id", sort=False):
-        samples = sorted(group["sample"].tolist())
-        if samples != list(range(group_size)):
-            raise GroupError(f"prompt_id={prompt_id!r} has samples {samples}, expected 0..{group_size - 1}")
-    ordered = rewards.set_index(["prompt_id", "sample"]).loc[
-        pd.MultiIndex.from_product([prompt_ids, range(group_size)])]
-    values = torch.tensor(ordered["reward"].to_numpy(), dtype=torch.float64).view(len(prompt_ids), group_size)
-    return prompt_ids, values
+    codes, prompt_ids = pd.factorize(rewards["prompt_id"], sort=False)
+    samples = rewards["sample"].to_numpy()
+    slots = codes * group_size + samples if np.issubdtype(samples.dtype, np.integer) else None
+    complete = (slots is not None and len(rewards) == len(prompt_ids) * group_size and codes.min(initial=0) >= 0
+                and ((samples >= 0) & (samples < group_size)).all() and len(np.unique(slots)) == len(slots))
+    if not complete:  # name the first prompt whose group is not exactly samples 0..G-1
+        for prompt_id, group in rewards.groupby("prompt_id", sort=False, dropna=False):
+            found = sorted(group["sample"].tolist())
+            if found != list(range(group_size)):
+                raise GroupError(f"prompt_id={prompt_id!r} has samples {found}, expected 0..{group_size - 1}")
+    values = np.empty(len(rewards))
+    values[slots] = rewards["reward"].to_numpy()
+    return prompt_ids.tolist(), torch.tensor(values, dtype=torch.float64).view(len(prompt_ids), group_size)
 
 
 def compute_advantages(rewards: pd.DataFrame, group_size: int, scale: str) -> pd.DataFrame:
