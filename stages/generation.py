@@ -91,8 +91,11 @@ def sample(
     eos = torch.tensor(eos_ids, device=device)
     tokens = torch.full((n, max_new_tokens), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros((n, max_new_tokens), device=device)
-    done = torch.zeros(n, dtype=torch.bool, device=device)
     lengths = torch.full((n,), max_new_tokens, dtype=torch.long, device=device)
+    stopped = torch.zeros(n, dtype=torch.bool, device=device)  # ended with an eos id
+    rows = torch.arange(n, device=device)  # the row (of the n) that each row of the batch decodes
+    done = torch.zeros(n, dtype=torch.bool, device=device)  # per row of the batch
+    compactable = all(hasattr(layer, "batch_select_indices") for layer in cache.layers)
 
     for step in range(max_new_tokens):
         scaled = F.log_softmax(logits / temperature, dim=-1)
@@ -102,14 +105,21 @@ def sample(
             probs = top_p_filter(scaled, top_p).softmax(-1)
             token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
         token = token.masked_fill(done, pad_id)
-        tokens[:, step] = token
-        logprobs[:, step] = scaled.gather(-1, token[:, None]).squeeze(-1).masked_fill(done, 0.0)
+        tokens[rows, step] = token
+        logprobs[rows, step] = scaled.gather(-1, token[:, None]).squeeze(-1).masked_fill(done, 0.0)
         ended = ~done & torch.isin(token, eos)
-        lengths[ended] = step + 1
+        lengths[rows[ended]] = step + 1
+        stopped[rows[ended]] = True
         done |= ended
         if bool(done.all()) or step == max_new_tokens - 1:
             break
-        mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], dim=-1)
+        # Ended rows would cost a full row of compute on every later step: once they are a
+        # quarter of the batch, drop them (the cache copy this takes is worth it no sooner).
+        if compactable and 4 * int(done.sum()) >= len(done):
+            keep = (~done).nonzero().squeeze(-1)
+            cache.batch_select_indices(keep)
+            rows, done, token, mask, next_position = rows[keep], done[keep], token[keep], mask[keep], next_position[keep]
+        mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=device)], dim=-1)
         out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position[:, None],
                     past_key_values=cache, use_cache=True)
         cache = out.past_key_values
@@ -117,7 +127,7 @@ def sample(
         next_position = next_position + 1
 
     width = int(lengths.max())
-    return Samples(tokens[:, :width].cpu(), logprobs[:, :width].cpu(), lengths.cpu(), done.cpu())
+    return Samples(tokens[:, :width].cpu(), logprobs[:, :width].cpu(), lengths.cpu(), stopped.cpu())
 
 
 def completion_logprobs(

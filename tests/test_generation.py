@@ -1,7 +1,10 @@
 """The decode loop: same tokens as HF generate, log-probs equal to a fresh forward, clean stops."""
 
+import copy
+
 import pytest
 import torch
+from transformers import DynamicCache
 
 from stages.batching import CompletionBatch
 from stages.generation import completion_logprobs, sample, shared_prompt_logprobs, top_p_filter
@@ -100,3 +103,31 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert kept.tolist() == [[True, True, False, False]]
     assert torch.isfinite(top_p_filter(logits, 0.1)).tolist() == [[True, False, False, False]]
     assert torch.equal(top_p_filter(logits, 1.0), logits)
+
+
+def test_rows_that_end_early_leave_the_batch_and_the_rest_decode_as_before(model_and_tokenizer, monkeypatch):
+    model, tokenizer = model_and_tokenizer
+    model = copy.deepcopy(model)
+    with torch.no_grad():  # the untrained model repeats one token; noise makes greedy completions differ
+        for weight in model.parameters():
+            weight.add_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)) * 0.5)
+    ids = encode_prompts(tokenizer, PROMPTS)
+    kwargs = dict(group_size=3, max_new_tokens=10, pad_id=tokenizer.pad_token_id, greedy=True)
+    full = sample(model, ids, eos_ids=[tokenizer.eos_token_id], **kwargs)
+    assert not full.stopped.any()
+    # Make the third token of the first prompt's completion an eos id: its rows end early.
+    stop = int(full.completion_ids[0, 2])
+    dropped = []
+    select = DynamicCache.batch_select_indices
+    monkeypatch.setattr(DynamicCache, "batch_select_indices",
+                        lambda self, keep: (dropped.append(len(keep)), select(self, keep))[1])
+    out = sample(model, ids, eos_ids=[stop], **kwargs)
+    assert dropped, "no rows were dropped from the batch"
+    for row in range(len(ids) * 3):
+        tokens = full.completion_ids[row].tolist()
+        length = tokens.index(stop) + 1 if stop in tokens else len(tokens)
+        assert out.lengths[row] == length and bool(out.stopped[row]) == (stop in tokens)
+        assert out.completion_ids[row, :length].tolist() == tokens[:length]
+        assert (out.completion_ids[row, length:] == tokenizer.pad_token_id).all()
+        torch.testing.assert_close(out.logprobs[row, :length], full.logprobs[row, :length], atol=1e-5, rtol=0)
+        assert (out.logprobs[row, length:] == 0).all()
