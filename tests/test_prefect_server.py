@@ -98,6 +98,10 @@ def test_every_task_run_is_recorded_before_the_temporary_server_stops(project):
     result = subprocess.run(train_command(project), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert re.search(r"prefect: temporary server on http://127\.0\.0\.1:\d+", result.stderr)
+    output = result.stdout + result.stderr
+    assert re.search(r"iteration 1/\d+: reward", output)  # one line per iteration...
+    assert "Finished in state Completed()" in output  # (the flow's own)
+    assert "Task run 'rollout-0001' - Finished in state" not in output  # ...not four more of the tasks'
 
     # Read the run back through a server started afterwards on the same Prefect database.
     server, api = start_prefect_server(env)
