@@ -18,17 +18,20 @@ def reward_matrix(rewards: pd.DataFrame, group_size: int) -> tuple[list, torch.T
     """[P, G] rewards, one row per prompt in order of appearance, after checking the groups."""
     codes, prompt_ids = pd.factorize(rewards["prompt_id"], sort=False)
     samples = rewards["sample"].to_numpy()
-    slots = codes * group_size + samples if np.issubdtype(samples.dtype, np.integer) else None
-    complete = (slots is not None and len(rewards) == len(prompt_ids) * group_size and codes.min(initial=0) >= 0
-                and ((samples >= 0) & (samples < group_size)).all() and len(np.unique(slots)) == len(slots))
-    if not complete:  # name the first prompt whose group is not exactly samples 0..G-1
-        for prompt_id, group in rewards.groupby("prompt_id", sort=False, dropna=False):
-            found = sorted(group["sample"].tolist())
-            if found != list(range(group_size)):
-                raise GroupError(f"prompt_id={prompt_id!r} has samples {found}, expected 0..{group_size - 1}")
-    values = np.empty(len(rewards))
-    values[slots] = rewards["reward"].to_numpy()
-    return prompt_ids.tolist(), torch.tensor(values, dtype=torch.float64).view(len(prompt_ids), group_size)
+    if np.issubdtype(samples.dtype, np.integer):  # the usual case: one scatter, checked in bulk
+        slots = codes * group_size + samples
+        if (len(rewards) == len(prompt_ids) * group_size and codes.min(initial=0) >= 0
+                and ((samples >= 0) & (samples < group_size)).all() and len(np.unique(slots)) == len(slots)):
+            values = np.empty(len(rewards))
+            values[slots] = rewards["reward"].to_numpy()
+            return prompt_ids.tolist(), torch.tensor(values, dtype=torch.float64).view(len(prompt_ids), group_size)
+    for prompt_id, group in rewards.groupby("prompt_id", sort=False, dropna=False):  # name the bad group
+        found = sorted(group["sample"].tolist())
+        if found != list(range(group_size)):
+            raise GroupError(f"prompt_id={prompt_id!r} has samples {found}, expected 0..{group_size - 1}")
+    ordered = rewards.set_index(["prompt_id", "sample"]).loc[
+        pd.MultiIndex.from_product([prompt_ids.tolist(), range(group_size)])]
+    return prompt_ids.tolist(), torch.tensor(ordered["reward"].to_numpy(), dtype=torch.float64).view(-1, group_size)
 
 
 def compute_advantages(rewards: pd.DataFrame, group_size: int, scale: str) -> pd.DataFrame:
