@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from stages.advantage import advantage
-from stages.artifacts import Layout, tree_digest
+from stages.artifacts import Layout, tree_digest, write_parquet
 from stages.errors import NumericsError
 from stages.modeling import load_model, load_tokenizer
 from stages.prepare import prepare
@@ -51,9 +51,18 @@ def test_groups_without_reward_spread_are_counted_and_get_zero_advantage(tiny_pa
     reference(tiny_params, layout)
     model = load_model(layout.reference, tiny_params.model, torch.device("cpu"), dtype=torch.float32).eval()
     state = TrainState(model, load_tokenizer(layout.reference), make_optimizer(model, tiny_params))
-    metrics = run_until_update(tiny_params, layout, state, 1)
+    rollout(tiny_params, layout, 1, state.model, state.tokenizer)
+    reward(tiny_params.reward, layout, 1, tiny_params.rollout.group_size)
+    # One group whose completions all scored the same, as when a policy agrees with itself
+    # (whether the sampled ones do is up to chance).
+    rewards = pd.read_parquet(layout.iteration(1) / "rewards.parquet")
+    agreed = rewards["prompt_id"].iloc[0]
+    rewards.loc[rewards["prompt_id"] == agreed, "reward"] = 0.7
+    write_parquet(layout.iteration(1) / "rewards.parquet", rewards)
+    metrics = advantage(tiny_params.grpo, tiny_params.rollout.group_size, layout, 1)
 
     table = pd.read_parquet(layout.iteration(1) / "advantages.parquet")
     flat = table[table["zero_std_group"]]
-    assert metrics["zero_std_groups"] == flat["prompt_id"].nunique() > 0  # the tiny policy often agrees with itself
+    assert agreed in set(flat["prompt_id"])
+    assert metrics["zero_std_groups"] == flat["prompt_id"].nunique()
     assert (flat["advantage"] == 0).all() and table["advantage"].notna().all()
