@@ -59,7 +59,7 @@ def transient(task: Any, task_run: Any, state: Any) -> bool:
 class QuietCompletedTasks(logging.Filter):
     """Drop Prefect's "Finished in state Completed()" line of each stage task.
 
-    Four a iteration, beside our one line per iteration: the UI shows every task run's state
+    Four per iteration, beside our one line per iteration: the UI shows every task run's state
     anyway, and each line costs ~2 ms of the training thread (formatted for the console and
     queued for the API). A failed task's line is logged at ERROR and still goes through.
     """
