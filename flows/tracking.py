@@ -7,11 +7,15 @@ under `.dvc/tmp/exps/`, so all runs can be compared side by side.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import queue
 import subprocess
+import sys
 import tempfile
+import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -67,76 +71,33 @@ def _mlflow(root: Path):
     return mlflow
 
 
-class Tracker:
-    """The MLflow run of one training run: params once, metrics per iteration, samples, model.
+class MlflowRun:
+    """The store calls of one training run, made in order, synchronously: the tracking process's half."""
 
-    Every call to the store runs, in order, on one background thread, so an iteration never
-    waits on sqlite or the artifact store, and MLflow's seconds of import and store setup
-    overlap the first iterations. Iterations are buffered and written together every
-    `flush_seconds` (and at the end): one store transaction for a batch of iterations costs
-    about what one costs, and that CPU would otherwise come out of training's two cores.
-    The manifests on disk hold every iteration's metrics at once; a killed run's MLflow run
-    lacks at most its last `flush_seconds`. A failed call is raised on the next call here.
-    """
+    def __init__(self, root: Path, samples_logged: int) -> None:
+        from mlflow.entities import Metric, Param
 
-    def __init__(self, params: Params, layout: Layout, prefect_flow_run_id: str | None = None,
-                 run_name: str | None = None, flush_seconds: float = FLUSH_SECONDS) -> None:
-        self.layout = layout
-        self.samples_logged = params.eval.samples_logged
-        self.flush_seconds = flush_seconds
-        self.run_id: str | None = None
-        self._buffer: list[tuple[int, int, dict[str, float], bool]] = []  # (iteration, ms stamp, metrics, samples)
-        self._flushed = time.monotonic()
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow")
-        self._pending: list[Future] = []
-        self._submit(self._start, params, prefect_flow_run_id,
-                     run_name or os.environ.get("GRPO_RUN_NAME") or os.environ.get("DVC_EXP_NAME"))
-
-    def _submit(self, fn, *args) -> None:
-        self._raise_failures()
-        self._pending.append(self._worker.submit(fn, *args))
-
-    def _raise_failures(self) -> None:
-        for future in [f for f in self._pending if f.done()]:
-            self._pending.remove(future)
-            future.result()  # raises what the store raised
-
-    def _queue_buffer(self) -> None:
-        if self._buffer:
-            self._pending.append(self._worker.submit(self._log_iterations, self._buffer))
-            self._buffer = []
-
-    def _start(self, params: Params, prefect_flow_run_id: str | None, name: str | None) -> None:
-        from mlflow.entities import Param
-
-        self.mlflow = _mlflow(self.layout.root)
+        self.Metric, self.Param = Metric, Param
+        self.layout = Layout(root)
+        self.samples_logged = samples_logged
+        self.mlflow = _mlflow(root)
         self.client = self.mlflow.MlflowClient()
+        self.run_id: str | None = None
+
+    def start(self, params: dict[str, str], prefect_flow_run_id: str | None, name: str | None) -> str:
         experiment = self.mlflow.get_experiment_by_name(EXPERIMENT)
         run = self.client.create_run(experiment.experiment_id, run_name=name,
                                      tags=run_tags(self.layout.root, prefect_flow_run_id))
         self.run_id = run.info.run_id
-        self.client.log_batch(self.run_id, params=[Param(k, str(v)[:6000]) for k, v in flatten(params).items()])
+        self.client.log_batch(self.run_id, params=[self.Param(k, v) for k, v in params.items()])
         write_json(self.layout.runs / TRACKING_FILE,
                    {"mlflow_run_id": self.run_id, "prefect_flow_run_id": prefect_flow_run_id})
+        return self.run_id
 
-    def log_iteration(self, iteration: int, metrics: dict[str, Any], samples: bool = True) -> None:
-        """Queue one iteration's metrics (and its sample completions) for the next flush."""
-        # TRL's metric names ("rewards/accuracy") are valid MLflow names as they are.
-        numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-        self._buffer.append((iteration, int(time.time() * 1000), numeric, samples))
-        if time.monotonic() - self._flushed >= self.flush_seconds:
-            self.flush()
-
-    def flush(self) -> None:
-        """Hand everything buffered to the background thread now."""
-        self._raise_failures()
-        self._queue_buffer()
-        self._flushed = time.monotonic()
-
-    def _log_iterations(self, entries: list[tuple[int, int, dict[str, float], bool]]) -> None:
-        from mlflow.entities import Metric
-
-        metrics = [Metric(k, v, stamp, iteration) for iteration, stamp, values, _ in entries for k, v in values.items()]
+    def log_iterations(self, entries: list[tuple[int, int, dict[str, float], bool]]) -> None:
+        """Metrics of (iteration, ms stamp, metrics, with samples) entries, and their sample tables."""
+        metrics = [self.Metric(k, v, stamp, iteration)
+                   for iteration, stamp, values, _ in entries for k, v in values.items()]
         for start in range(0, len(metrics), MAX_METRICS_PER_CALL):
             self.client.log_batch(self.run_id, metrics=metrics[start:start + MAX_METRICS_PER_CALL])
         with_samples = [iteration for iteration, _, _, samples in entries if samples and self.samples_logged]
@@ -151,23 +112,124 @@ class Tracker:
                     table.to_json(orient="records", indent=1, force_ascii=False), encoding="utf-8")
             self.client.log_artifacts(self.run_id, folder, artifact_path="samples")
 
-    def finish(self, status: str = "FINISHED") -> None:
-        """Flush, wait for everything queued, then close the run (with the policy, when it finished)."""
-        self._queue_buffer()  # not via _submit: an earlier failure is collected below, after the run is closed
-        failure: BaseException | None = None
-        for future in self._pending:
+    def finish(self, status: str) -> None:
+        """Close the run; a finished one gets the policy as an artifact."""
+        if status == "FINISHED" and self.layout.policy.is_dir():
+            self.client.log_artifacts(self.run_id, str(self.layout.policy), artifact_path="policy")
+        self.client.set_terminated(self.run_id, status=status)
+
+
+class TrackingError(RuntimeError):
+    """The tracking process could not write to MLflow."""
+
+
+class Tracker:
+    """The MLflow run of one training run: params once, metrics per iteration, samples, model.
+
+    Every store call runs in a separate process (`flows.tracking_worker`), in order, at the
+    lowest CPU priority: MLflow's seconds of import and store setup, sqlite and the sample
+    tables never take the training process's GIL (as a thread, they cost ~25 ms of every
+    iteration), and run on whichever core training leaves idle. Requests go as JSON lines on
+    the worker's stdin; each gets one reply line. Iterations are buffered and sent together
+    every `flush_seconds` (and at the end): one store transaction for a batch costs about
+    what one iteration's costs. The manifests on disk hold every iteration's metrics at once;
+    a killed run's MLflow run lacks at most its last `flush_seconds`, and is marked KILLED
+    (the worker sees its stdin close). A failed call is raised on the next call here.
+    """
+
+    def __init__(self, params: Params, layout: Layout, prefect_flow_run_id: str | None = None,
+                 run_name: str | None = None, flush_seconds: float = FLUSH_SECONDS) -> None:
+        self.flush_seconds = flush_seconds
+        self.run_id: str | None = None
+        self._buffer: list[tuple[int, int, dict[str, float], bool]] = []  # (iteration, ms stamp, metrics, samples)
+        self._flushed = time.monotonic()
+        self._sent = 0
+        self._replies: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+        self._answered = 0
+        code_root = str(Path(__file__).resolve().parents[1])  # this checkout's flows/, wherever we run
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [code_root, os.environ.get("PYTHONPATH")]))}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "flows.tracking_worker", str(layout.root.resolve()),
+             str(params.eval.samples_logged)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True, encoding="utf-8")
+        threading.Thread(target=self._read_replies, name="mlflow-replies", daemon=True).start()
+        self._send({"op": "start", "params": {k: str(v)[:6000] for k, v in flatten(params).items()},
+                    "prefect_flow_run_id": prefect_flow_run_id,
+                    "name": run_name or os.environ.get("GRPO_RUN_NAME") or os.environ.get("DVC_EXP_NAME")})
+
+    def _read_replies(self) -> None:
+        for line in self.process.stdout:
+            self._replies.put(json.loads(line))
+        self._replies.put(None)  # the worker is gone
+
+    def _send(self, request: dict[str, Any]) -> None:
+        try:
+            self.process.stdin.write(json.dumps(request) + "\n")
+            self.process.stdin.flush()
+        except BrokenPipeError:
+            raise TrackingError(f"the MLflow tracking process exited (code {self.process.wait()})") from None
+        self._sent += 1
+
+    def _collect(self, wait: bool) -> None:
+        """Take in the replies so far (with `wait`: all of them), raising the first error among them."""
+        errors = self._take_replies(wait)
+        if errors:
+            raise errors[0]
+
+    def _take_replies(self, wait: bool) -> list[TrackingError]:
+        errors = []
+        while self._answered < self._sent:
             try:
-                future.result()
-            except Exception as error:  # still close the run, then raise the first failure
-                failure = failure or error
-        self._pending.clear()
-        if self.run_id is not None:
-            if status == "FINISHED" and failure is None and self.layout.policy.is_dir():
-                self.client.log_artifacts(self.run_id, str(self.layout.policy), artifact_path="policy")
-            self.client.set_terminated(self.run_id, status="FAILED" if failure else status)
-        self._worker.shutdown()
-        if failure is not None and status == "FINISHED":
-            raise failure
+                reply = self._replies.get(block=wait)
+            except queue.Empty:
+                break
+            if reply is None:
+                self._replies.put(None)  # keep the end in view for later calls
+                errors.append(TrackingError(f"the MLflow tracking process exited (code {self.process.wait()})"))
+                break
+            self._answered += 1
+            self.run_id = reply.get("run_id", self.run_id)
+            if "error" in reply:
+                errors.append(TrackingError(f"MLflow: {reply['error']}"))
+        return errors
+
+    def log_iteration(self, iteration: int, metrics: dict[str, Any], samples: bool = True) -> None:
+        """Queue one iteration's metrics (and its sample completions) for the next flush."""
+        # TRL's metric names ("rewards/accuracy") are valid MLflow names as they are.
+        numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        self._buffer.append((iteration, int(time.time() * 1000), numeric, samples))
+        if time.monotonic() - self._flushed >= self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send everything buffered to the tracking process now."""
+        if self._buffer:
+            self._send({"op": "log_iterations", "entries": self._buffer})
+            self._buffer = []
+        self._flushed = time.monotonic()
+        self._collect(wait=False)
+
+    def wait(self) -> None:
+        """Return once MLflow holds everything sent so far (not what is still buffered here)."""
+        self._collect(wait=True)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Send what is buffered, close the run (with the policy, when it finished), and wait for it."""
+        errors: list[TrackingError] = []
+        try:
+            if self._buffer:
+                self._send({"op": "log_iterations", "entries": self._buffer})
+                self._buffer = []
+            # After an earlier failure, the worker closes the run as FAILED whatever `status` says.
+            self._send({"op": "finish", "status": status})
+        except TrackingError as error:  # the worker is gone: nothing more to send
+            errors.append(error)
+        with contextlib.suppress(BrokenPipeError):
+            self.process.stdin.close()
+        self.process.wait()
+        errors += self._take_replies(wait=True)
+        if errors and status == "FINISHED":
+            raise errors[0]
 
 
 def log_evaluation(layout: Layout, metrics: dict[str, float]) -> str | None:

@@ -56,8 +56,7 @@ def test_buffered_iterations_all_reach_mlflow_at_finish_with_their_steps(tmp_pat
     for iteration in (1, 2):
         write_iteration(layout, iteration)
         tracker.log_iteration(iteration, {**metrics_of(iteration), "note": "not a number"})
-    for future in tracker._pending:
-        future.result()  # the run exists, the iterations are still buffered
+    tracker.wait()  # the run exists, the iterations are still buffered
     assert client.get_metric_history(run_of(client, experiment).info.run_id, "metric/0") == []
 
     tracker.finish()
@@ -79,8 +78,7 @@ def test_a_zero_flush_interval_sends_each_iteration_as_it_is_logged(tmp_path, st
     client, experiment = store
     tracker = Tracker(load_params(ROOT / "params.yaml"), Layout(tmp_path), flush_seconds=0)
     tracker.log_iteration(1, metrics_of(1), samples=False)
-    for future in tracker._pending:
-        future.result()
+    tracker.wait()
     run = run_of(client, experiment)
     assert [m.step for m in client.get_metric_history(run.info.run_id, "metric/2")] == [1]
     tracker.finish()
@@ -97,3 +95,42 @@ def test_more_metrics_than_one_mlflow_call_takes_are_split_and_all_logged(tmp_pa
     tracker.finish()
     run = run_of(client, experiment)
     assert len(client.get_metric_history(run.info.run_id, "metric/19")) == iterations
+
+
+def test_a_failed_store_call_is_raised_on_a_later_call_and_the_run_closes_failed(tmp_path, store):
+    from flows.tracking import Tracker, TrackingError
+
+    client, experiment = store
+    tracker = Tracker(load_params(ROOT / "params.yaml"), Layout(tmp_path), flush_seconds=0)
+    tracker.log_iteration(1, metrics_of(1))  # its sample table's parquet files do not exist
+    with pytest.raises(TrackingError, match=r"rollouts\.parquet"):
+        tracker.wait()
+    tracker.finish()  # as the flow does after a failure: the tracking process records it as FAILED
+    assert run_of(client, experiment).info.status == "FAILED"
+
+
+KILLED_MIDWAY = """
+import os, signal, sys
+from pathlib import Path
+from flows.tracking import Tracker
+from stages.artifacts import Layout
+from stages.config import load_params
+tracker = Tracker(load_params(sys.argv[1]), Layout(Path(sys.argv[2])), run_name="killed", flush_seconds=0)
+tracker.log_iteration(1, {"reward": 0.5}, samples=False)
+tracker.wait()
+os.kill(os.getpid(), signal.SIGKILL)  # no finish(): the training process dies as a SIGKILL leaves it
+"""
+
+
+def test_a_training_process_killed_midway_leaves_its_run_killed_with_what_was_sent(tmp_path, store):
+    import subprocess
+    import sys
+    import time
+
+    client, experiment = store
+    subprocess.run([sys.executable, "-c", KILLED_MIDWAY, str(ROOT / "params.yaml"), str(tmp_path)], cwd=ROOT)
+    deadline = time.monotonic() + 60
+    while (run := run_of(client, experiment)).info.status == "RUNNING" and time.monotonic() < deadline:
+        time.sleep(0.2)  # the tracking process closes the run once it sees its stdin end
+    assert run.info.status == "KILLED" and run.info.run_name == "killed"
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "reward")] == [0.5]
