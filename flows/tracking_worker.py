@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+from flows.server import lowest_cpu_priority
+
 
 def serve(root: Path, samples_logged: int, requests: TextIO, replies: TextIO) -> None:
     from flows.tracking import MlflowRun
@@ -55,8 +57,7 @@ def serve(root: Path, samples_logged: int, requests: TextIO, replies: TextIO) ->
 def main() -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
-    # Lowest CPU priority: MLflow's writes run when training leaves a core idle.
-    os.nice(19)
+    lowest_cpu_priority()  # MLflow's writes run when training leaves a core idle
     # Replies get stdout to themselves: anything a library prints goes to stderr instead.
     replies = os.fdopen(os.dup(sys.stdout.fileno()), "w", encoding="utf-8")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
