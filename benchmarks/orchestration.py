@@ -67,6 +67,7 @@ class Arm:
         self.name, self.command, self.cwd, self.env, self.log = name, command, cwd, env, log
         self.process: subprocess.Popen | None = None
         self.seconds = 0.0
+        self.slices: list[tuple[float, float]] = []  # (start, end) of each running slice, time.time()
 
     @property
     def finished(self) -> bool:
@@ -74,7 +75,7 @@ class Arm:
 
     def run_for(self, seconds: float) -> None:
         """Let the arm run for `seconds` (or until it exits), then stop its whole process group."""
-        started = time.perf_counter()
+        started, wall_start = time.perf_counter(), time.time()
         if self.process is None:  # its own session: DVC, the flow and the Prefect server share one group
             with open(self.log, "w") as log:
                 self.process = subprocess.Popen(self.command, cwd=self.cwd, env=self.env, start_new_session=True,
@@ -86,8 +87,22 @@ class Arm:
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGSTOP)
         self.seconds += time.perf_counter() - started
+        self.slices.append((wall_start, time.time()))
         if self.finished and self.process.returncode:
             raise SystemExit(f"the {self.name} arm failed with code {self.process.returncode}; its output: {self.log}")
+
+
+    def running_seconds_at(self, moment: float) -> float:
+        """How long the arm had been running (stopped time left out) at wall-clock `moment`."""
+        return sum(max(0.0, min(end, moment) - start) for start, end in self.slices)
+
+    def phases(self, done_markers: list[Path]) -> dict[str, float]:
+        """Running seconds before the first iteration ended, over the rest, and after the last.
+
+        `done_markers` are files each iteration writes last (their mtimes mark its end)."""
+        ends = sorted(self.running_seconds_at(path.stat().st_mtime) for path in done_markers)
+        return {"to_first_iteration": ends[0], "later_iterations": ends[-1] - ends[0],
+                "after_last_iteration": self.seconds - ends[-1]}
 
 
 def run_time_sliced(arms: list[Arm], slice_seconds: float) -> None:
@@ -138,6 +153,7 @@ def main() -> None:
     shutil.copytree(repo / "data", direct_root / "data")
     shutil.copytree(repo / "models", direct_root / "models")
     times: dict[str, list[float]] = {"direct": [], "orchestrated": []}
+    phases: dict[str, list[dict[str, float]]] = {"direct": [], "orchestrated": []}
     for repeat in range(args.repeats):
         for root in (direct_root, repo):
             shutil.rmtree(root / "runs", ignore_errors=True)
@@ -148,8 +164,13 @@ def main() -> None:
         run_time_sliced([direct, orchestrated] if repeat % 2 == 0 else [orchestrated, direct], args.slice)
         times["direct"].append(direct.seconds)
         times["orchestrated"].append(orchestrated.seconds)
+        # An iteration's last file: update.json in the plain loop, the manifest in the flow.
+        phases["direct"].append(direct.phases(list((direct_root / "runs/iterations").glob("*/update.json"))))
+        phases["orchestrated"].append(orchestrated.phases(list((repo / "runs/iterations").glob("*/manifest.json"))))
         print(f"repeat {repeat + 1}: direct {direct.seconds:.1f}s  orchestrated {orchestrated.seconds:.1f}s  "
               f"ratio {orchestrated.seconds / direct.seconds:.3f}", flush=True)
+        for arm in times:
+            print("   ", f"{arm:12s}", "  ".join(f"{k} {v:.2f}s" for k, v in phases[arm][-1].items()), flush=True)
 
     medians = {arm: statistics.median(values) for arm, values in times.items()}
     result = {
@@ -158,7 +179,15 @@ def main() -> None:
         "median_seconds": medians,
         "overhead_ratio": medians["orchestrated"] / medians["direct"],
         "overhead_seconds_per_iteration": (medians["orchestrated"] - medians["direct"]) / args.iterations,
+        # Running seconds per phase: where the extra time is (fixed at either end, or per iteration).
+        "phases": phases,
+        "median_phases": {arm: {k: statistics.median(p[k] for p in runs) for k in runs[0]}
+                          for arm, runs in phases.items()},
     }
+    if args.iterations > 1:
+        later = result["median_phases"]
+        result["overhead_seconds_per_later_iteration"] = (
+            (later["orchestrated"]["later_iterations"] - later["direct"]["later_iterations"]) / (args.iterations - 1))
     target = args.output
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(result, indent=2) + "\n")
