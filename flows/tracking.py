@@ -75,9 +75,6 @@ class MlflowRun:
     """The store calls of one training run, made in order, synchronously: the tracking process's half."""
 
     def __init__(self, root: Path, samples_logged: int) -> None:
-        from mlflow.entities import Metric, Param
-
-        self.Metric, self.Param = Metric, Param
         self.layout = Layout(root)
         self.samples_logged = samples_logged
         self.mlflow = _mlflow(root)
@@ -85,18 +82,22 @@ class MlflowRun:
         self.run_id: str | None = None
 
     def start(self, params: dict[str, str], prefect_flow_run_id: str | None, name: str | None) -> str:
+        from mlflow.entities import Param
+
         experiment = self.mlflow.get_experiment_by_name(EXPERIMENT)
         run = self.client.create_run(experiment.experiment_id, run_name=name,
                                      tags=run_tags(self.layout.root, prefect_flow_run_id))
         self.run_id = run.info.run_id
-        self.client.log_batch(self.run_id, params=[self.Param(k, v) for k, v in params.items()])
+        self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in params.items()])
         write_json(self.layout.runs / TRACKING_FILE,
                    {"mlflow_run_id": self.run_id, "prefect_flow_run_id": prefect_flow_run_id})
         return self.run_id
 
     def log_iterations(self, entries: list[tuple[int, int, dict[str, float], bool]]) -> None:
         """Metrics of (iteration, ms stamp, metrics, with samples) entries, and their sample tables."""
-        metrics = [self.Metric(k, v, stamp, iteration)
+        from mlflow.entities import Metric
+
+        metrics = [Metric(k, v, stamp, iteration)
                    for iteration, stamp, values, _ in entries for k, v in values.items()]
         for start in range(0, len(metrics), MAX_METRICS_PER_CALL):
             self.client.log_batch(self.run_id, metrics=metrics[start:start + MAX_METRICS_PER_CALL])

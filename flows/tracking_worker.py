@@ -23,7 +23,7 @@ from flows.server import lowest_cpu_priority
 def serve(root: Path, samples_logged: int, requests: TextIO, replies: TextIO) -> None:
     from flows.tracking import MlflowRun
 
-    run: MlflowRun | None = None
+    run: MlflowRun | None = None  # None again once finished
     failed = False
 
     def handle(request: dict[str, Any]) -> dict[str, Any]:
@@ -33,12 +33,12 @@ def serve(root: Path, samples_logged: int, requests: TextIO, replies: TextIO) ->
             run = MlflowRun(root, samples_logged)
             return {"run_id": run.start(request["params"], request["prefect_flow_run_id"], request["name"])}
         if run is None or run.run_id is None:
-            raise RuntimeError("no MLflow run: starting it failed")
+            raise RuntimeError("no open MLflow run (starting it failed, or it was finished)")
         if op == "log_iterations":
             run.log_iterations([tuple(entry) for entry in request["entries"]])
         elif op == "finish":
-            run.finish("FAILED" if failed else request["status"])
-            run.run_id = None  # closed: a KILLED mark on stdin's end would reopen it
+            closing, run = run, None
+            closing.finish("FAILED" if failed else request["status"])
         else:
             raise ValueError(f"unknown request {op!r}")
         return {"ok": True}
@@ -50,7 +50,7 @@ def serve(root: Path, samples_logged: int, requests: TextIO, replies: TextIO) ->
             failed = True
             reply = {"error": f"{type(error).__name__}: {error}"}
         print(json.dumps(reply), file=replies, flush=True)
-    if run is not None and run.run_id is not None:
+    if run is not None and run.run_id is not None:  # stdin ended without a "finish": the trainer is gone
         run.finish("KILLED")
 
 
