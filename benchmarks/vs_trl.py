@@ -281,9 +281,14 @@ def trl_config(params, output_dir: str) -> tuple[dict, dict]:
                       "optimizer step per minibatch, as ours"),
         "mu": (f"num_iterations={cfg.mu}; one TRL iteration = steps_per_generation x num_iterations = "
                f"{steps_per_generation * cfg.mu} optimizer steps, as ours"),
-        "minibatch order": ("not matched exactly: TRL shuffles a generation batch once and reuses the same "
-                            "minibatches for every pass; ours draws a fresh permutation per pass (both random "
-                            "partitions of the same completions)"),
+        "minibatch order": (
+            "not matched: TRL shuffles a generation batch's completions once and reuses those minibatches for "
+            "every pass; ours " + (
+                "keeps each prompt's G completions in one minibatch and shuffles the groups afresh each pass "
+                "(grpo.minibatches=groups, verl's layout), so each prompt's forward is shared by all its completions"
+                if cfg.minibatches == "groups" else
+                "shuffles the completions afresh each pass (grpo.minibatches=completions)"
+            ) + ". Either way every completion is seen once per pass, in the same number of optimizer steps"),
         "logp_old": ("TRL recomputes it with a forward pass of the policy before the first step "
                      "(gradient_accumulation_steps % (steps_per_generation * num_iterations) != 0); ours keeps "
                      "the sampler's log-probs from generation. Same values (tests/test_generation.py: 1e-5)"),
@@ -639,7 +644,8 @@ def main() -> None:
         "iterations": args.iterations, "warmup": args.warmup, "repeats": args.repeats,
         "config": {"group_size": params.rollout.group_size, "prompts_per_iteration": params.rollout.prompts_per_iteration,
                    "max_new_tokens": params.rollout.max_new_tokens, "beta": params.grpo.beta, "mu": params.grpo.mu,
-                   "minibatch_size": params.grpo.minibatch_size, "loss_agg": params.grpo.loss_agg,
+                   "minibatch_size": params.grpo.minibatch_size, "minibatches": params.grpo.minibatches,
+                   "loss_agg": params.grpo.loss_agg,
                    "overrides": args.set},
         "load_average_before_after": [load_before, list(os.getloadavg())],
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),

@@ -96,6 +96,10 @@ class GRPOConfig(Section):
     iterations: int = Field(ge=0)
     mu: int = Field(ge=1)
     minibatch_size: int = Field(gt=0)  # completions per optimizer step
+    # How each pass cuts the completions into minibatches: `completions` shuffles them one by
+    # one (as TRL does); `groups` keeps a prompt's G completions together, groups shuffled
+    # each pass (as verl does), which shares each prompt's forward but sees fewer prompts per step.
+    minibatches: Literal["groups", "completions"]
     lr: float = Field(gt=0)
     weight_decay: float = Field(ge=0)
     beta: float = Field(ge=0)

@@ -3,7 +3,8 @@
 Reads rollouts.parquet (token ids, the sampling policy's log-probs) and advantages.parquet,
 steps the policy in place, writes the checkpoint runs/checkpoints/NNNN/ and update.json.
 The log-probs come from `shared_prompt_logprobs`: a minibatch holds several completions of
-most prompts, and each prompt's forward (and backward) is done once for all of them.
+most prompts (all G of them with `grpo.minibatches: groups`), and each prompt's forward (and
+backward) is done once for all of them.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class UpdateBatch:
     inputs: CompletionBatch
     old_logp: torch.Tensor
     advantages: torch.Tensor
+    groups: torch.Tensor  # [rows] the row's prompt, numbered 0..prompts-1
     ref_logp: torch.Tensor | None = None  # filled only when beta != 0
 
     def rows(self, index: torch.Tensor) -> UpdateBatch:
@@ -60,7 +62,7 @@ class UpdateBatch:
         width = int(inputs.completion_mask.sum(-1).max())
         inputs.completion_ids, inputs.completion_mask = inputs.completion_ids[:, :width], inputs.completion_mask[:, :width]
         ref_logp = None if self.ref_logp is None else self.ref_logp[index, :width]
-        return UpdateBatch(inputs, self.old_logp[index, :width], self.advantages[index], ref_logp)
+        return UpdateBatch(inputs, self.old_logp[index, :width], self.advantages[index], self.groups[index], ref_logp)
 
 
 def aligned_advantages(rollouts: pd.DataFrame, advantages: pd.DataFrame, iteration: int) -> np.ndarray:
@@ -86,7 +88,25 @@ def load_update_batch(layout: Layout, iteration: int, pad_id: int) -> UpdateBatc
     advantage = aligned_advantages(rollouts, advantages, iteration)
     inputs = CompletionBatch.from_lists(list(rollouts["prompt_ids"]), list(rollouts["completion_ids"]), pad_id)
     old_logp = pad_to(list(rollouts["logprobs"]), inputs.completion_ids.shape[1])
-    return UpdateBatch(inputs, old_logp, torch.tensor(advantage, dtype=torch.float32))
+    groups = torch.from_numpy(pd.factorize(rollouts["prompt_id"])[0])
+    return UpdateBatch(inputs, old_logp, torch.tensor(advantage, dtype=torch.float32), groups)
+
+
+def pass_order(groups: torch.Tensor, minibatches: str, generator: torch.Generator) -> torch.Tensor:
+    """The row order of one pass over an iteration's completions; minibatches are its consecutive slices.
+
+    `completions`: a uniform random permutation of the rows. `groups`: the prompts in a uniform
+    random order, each prompt's rows kept together, so a minibatch holds whole groups (or one
+    group's share when G > minibatch_size). Both see every completion once per pass. `groups`
+    runs each prompt's forward once per step for all its completions, but a step then sees
+    fewer prompts and its gradient is noisier (benchmarks/README.md measures both).
+    """
+    if minibatches == "completions":
+        return torch.randperm(len(groups), generator=generator)
+    if minibatches == "groups":
+        place = torch.randperm(int(groups.max()) + 1, generator=generator)  # each group's turn in this pass
+        return torch.argsort(place[groups], stable=True)
+    raise ValueError(f"grpo.minibatches: unknown {minibatches!r} (groups, completions)")
 
 
 @torch.inference_mode()
@@ -150,8 +170,7 @@ def update(params: Params, layout: Layout, iteration: int, state: TrainState,
     total = cfg.mu * (len(batch.advantages) // cfg.minibatch_size)
     with tqdm(total=total, desc=f"update {iteration}", unit="step", disable=None, leave=False) as progress:
         for _ in range(cfg.mu):
-            order = torch.randperm(len(batch.advantages), generator=generator)
-            for rows in order.split(cfg.minibatch_size):
+            for rows in pass_order(batch.groups, cfg.minibatches, generator).split(cfg.minibatch_size):
                 steps.append(policy_step(state, batch.rows(rows), params, iteration))
                 progress.update()
     state.model.eval()

@@ -21,7 +21,7 @@ from stages.generation import completion_logprobs, sample
 from stages.modeling import build_tiny_model, build_tokenizer, encode_prompts
 from stages.objective import grpo_loss
 from stages.rollout import iteration_seed
-from stages.update import TrainState, load_update_batch, make_optimizer, update
+from stages.update import TrainState, load_update_batch, make_optimizer, pass_order, update
 
 from conftest import ROOT, TINY
 
@@ -56,10 +56,11 @@ def iteration_files(tmp_path_factory):
     return layout, model, tokenizer
 
 
-def params_for(loss_agg: str, beta: float):
+def params_for(loss_agg: str, beta: float, minibatches: str = "groups"):
+    # Minibatches of 6 with G = 4: under `groups`, a minibatch holds one whole group and half of another.
     return load_params(ROOT / "params.yaml", [*TINY, f"rollout.prompts_per_iteration={len(PROMPTS)}",
                                               f"rollout.group_size={G}", "rollout.max_new_tokens=10",
-                                              "grpo.minibatch_size=6", "grpo.mu=2",
+                                              "grpo.minibatch_size=6", "grpo.mu=2", f"grpo.minibatches={minibatches}",
                                               f"grpo.beta={beta}", f"grpo.loss_agg={loss_agg}"])
 
 
@@ -74,7 +75,7 @@ def plain_update(params, layout: Layout, model, tokenizer, reference) -> list[to
     generator = torch.Generator().manual_seed(iteration_seed(params.seed, 1, 2))
     model.train()
     for _ in range(cfg.mu):
-        for rows in torch.randperm(len(batch.advantages), generator=generator).split(cfg.minibatch_size):
+        for rows in pass_order(batch.groups, cfg.minibatches, generator).split(cfg.minibatch_size):
             minibatch = batch.rows(rows)
             logp, _ = completion_logprobs(model, *minibatch.inputs.as_inputs())
             loss, _ = grpo_loss(logp, minibatch.old_logp, minibatch.ref_logp, minibatch.advantages,
@@ -88,10 +89,11 @@ def plain_update(params, layout: Layout, model, tokenizer, reference) -> list[to
     return [p.detach() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("loss_agg", ["grpo", "dapo", "dr_grpo"])
-def test_the_update_steps_the_policy_as_the_plain_loop_does(iteration_files, loss_agg):
+@pytest.mark.parametrize(("loss_agg", "minibatches"),
+                         [("grpo", "groups"), ("dapo", "groups"), ("dr_grpo", "groups"), ("grpo", "completions")])
+def test_the_update_steps_the_policy_as_the_plain_loop_does(iteration_files, loss_agg, minibatches):
     layout, model, tokenizer = iteration_files
-    params = params_for(loss_agg, beta=0.1)
+    params = params_for(loss_agg, beta=0.1, minibatches=minibatches)
     policy = copy.deepcopy(model)
     optimizer = torch.optim.SGD(policy.parameters(), lr=LR)
     metrics = update(params, layout, 1, TrainState(policy, tokenizer, optimizer), model)
@@ -101,6 +103,33 @@ def test_the_update_steps_the_policy_as_the_plain_loop_does(iteration_files, los
         torch.testing.assert_close(got.detach(), want, atol=1e-5, rtol=0)
     # The steps moved the policy: the comparison above is not between two untouched models.
     assert max((got - start).abs().max() for got, start in zip(expected, model.parameters())) > 1e-3
+
+
+def shuffled_groups(prompts: int, group_size: int) -> torch.Tensor:
+    """The prompt of each row, rows not in prompt order (a file need not list them so)."""
+    groups = torch.arange(prompts).repeat_interleave(group_size)
+    return groups[torch.randperm(len(groups), generator=torch.Generator().manual_seed(3))]
+
+
+def test_a_groups_pass_keeps_each_prompts_completions_in_one_minibatch_and_shuffles_the_groups():
+    groups = shuffled_groups(prompts=6, group_size=4)
+    generator = torch.Generator().manual_seed(0)
+    orders = [pass_order(groups, "groups", generator) for _ in range(10)]
+    for order in orders:
+        assert sorted(order.tolist()) == list(range(len(groups)))  # every completion once per pass
+        for minibatch in order.split(8):
+            assert set(torch.bincount(groups[minibatch], minlength=6).tolist()) <= {0, 4}  # whole groups only
+    assert len({tuple(groups[order].tolist()) for order in orders}) > 1  # the groups' order changes between passes
+
+
+def test_a_completions_pass_shuffles_completions_one_by_one():
+    groups = shuffled_groups(prompts=6, group_size=4)
+    generator = torch.Generator().manual_seed(0)
+    orders = [pass_order(groups, "completions", generator) for _ in range(10)]
+    for order in orders:
+        assert sorted(order.tolist()) == list(range(len(groups)))
+    assert any(set(torch.bincount(groups[minibatch], minlength=6).tolist()) - {0, 4}
+               for order in orders for minibatch in order.split(8))  # groups get split
 
 
 def test_the_optimizer_is_adamw_with_the_configured_lr_and_weight_decay(iteration_files):
