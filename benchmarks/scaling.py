@@ -1,10 +1,13 @@
 """How the cost of one GRPO iteration grows: seconds per iteration and peak memory as G,
 max_new_tokens and the model size grow, one factor at a time from the default config.
 
-    python benchmarks/scaling.py --iterations 5 --warmup 1
+    python benchmarks/scaling.py --iterations 8 --warmup 2
 
 Three sweeps, each point its own process (so peak RSS is its own), our stages end to end
-(rollout → reward → advantage → update, artefacts on disk) as in benchmarks/vs_trl.py:
+(rollout → reward → advantage → update, artefacts on disk) as in benchmarks/vs_trl.py. All
+points are started together and held between iterations, which go round-robin (one of each
+point, then again, the order reversed every other round), so a slow minute on this shared
+machine lands on every point alike instead of on whichever ran then:
 - G (rollout.group_size) 4, 8, 16 on the pipeline's SFT reference (the default prompts and
   model): completions stop where the model ends them, as in a real run.
 - max_new_tokens 32, 64, 128 and the model size (the default tiny shape, 4x and 16x its
@@ -23,7 +26,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,8 +33,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from vs_trl import (ROOT, RESULTS, arm_environment, matmul_peak_flops, our_iterations, prepare_inputs,  # noqa: E402
-                    warn_if_busy)
+from vs_trl import (ROOT, RESULTS, matmul_peak_flops, our_iterations, prepare_inputs, report_done,  # noqa: E402
+                    run_lockstep, wait_for_go, wait_for_the_end, warn_if_busy)
 
 G_VALUES = [4, 8, 16]
 TOKEN_VALUES = [32, 64, 128]
@@ -81,8 +83,13 @@ def run_point(args: argparse.Namespace) -> dict:
 
         stages.rollout.eos_token_ids = lambda model, tokenizer: []
     params = load_params(args.params, [*args.set, f"grpo.iterations={args.iterations}"])
-    return our_iterations(params, Path(args.inputs), Path(args.scratch),
-                          after=lambda i, row: print(f"  iteration {i}: {row['seconds']:.3f}s", flush=True))
+    return our_iterations(params, Path(args.inputs), Path(args.scratch), ready=lambda: print("@ready", flush=True),
+                          before=lambda i: wait_for_go(), after=lambda i, row: report_done(args.label, i, row))
+
+
+def label(point: dict) -> str:
+    value = point["value"]
+    return f"G={value}" if point["sweep"] == "group_size" else f"{value['size']}-{value['max_new_tokens']}tok"
 
 
 def summarise(run: dict, warmup: int, peak: float) -> dict:
@@ -140,19 +147,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="params override")
-    parser.add_argument("--iterations", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--iterations", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2, help="iterations left out of the medians")
     parser.add_argument("--work", type=Path, help="where prompts and models are made (kept for reuse)")
     parser.add_argument("--output", type=Path, default=RESULTS / "scaling.json")
     parser.add_argument("--point", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--inputs", help=argparse.SUPPRESS)
     parser.add_argument("--scratch", help=argparse.SUPPRESS)
     parser.add_argument("--ignore-eos", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--label", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.point:
-        Path(args.out).write_text(json.dumps(run_point(args)))
+        result = run_point(args)
+        wait_for_the_end()
+        Path(args.out).write_text(json.dumps(result))
         return
 
     from stages.config import load_params
@@ -164,28 +174,32 @@ def main() -> None:
     work = args.work or Path(tempfile.gettempdir()) / "grpo-vs-trl"  # shares vs_trl.py's prompts and reference
     work.mkdir(parents=True, exist_ok=True)
     inputs = prepare_inputs(args.params, args.set, work, None, None)
-    peak = matmul_peak_flops(base.threads or os.cpu_count() or 1)  # configure_threads' choice
+    threads = base.threads or os.cpu_count() or 1  # configure_threads' choice
+    peak = matmul_peak_flops(threads)
 
-    results = []
+    scratch = Path(tempfile.mkdtemp(prefix="scale-", dir=work))
+    commands = {}
     for point in points(base):
         untrained = point["model"] != "sft"
         source = untrained_inputs(work, inputs, point["shape"], point["model"], base.seed) if untrained else inputs
-        scratch = Path(tempfile.mkdtemp(prefix="scale-", dir=work))
-        out = scratch / "result.json"
-        print(f"{point['sweep']} {point['value']}", flush=True)
-        command = [sys.executable, __file__, "--point", "--params", str(args.params), "--inputs", str(source),
-                   "--scratch", str(scratch / "run"), "--iterations", str(args.iterations), "--out", str(out),
-                   *(["--ignore-eos"] if untrained else []),
-                   *[f"--set={kv}" for kv in [*args.set, *point["overrides"]]]]
-        (scratch / "run").mkdir()
-        subprocess.run(command, check=True, env=arm_environment())
-        run = json.loads(out.read_text())
-        results.append({**point, **summarise(run, args.warmup, peak)})
-        shutil.rmtree(scratch, ignore_errors=True)
+        name = label(point)
+        (scratch / name).mkdir()
+        commands[name] = [sys.executable, __file__, "--point", "--label", name, "--params", str(args.params),
+                          "--inputs", str(source), "--scratch", str(scratch / name), "--iterations",
+                          str(args.iterations), "--out", str(scratch / f"{name}.json"),
+                          *(["--ignore-eos"] if untrained else []),
+                          *[f"--set={kv}" for kv in [*args.set, *point["overrides"]]]]
+    run_lockstep(commands, args.iterations, scratch)
+    peak = max(peak, matmul_peak_flops(threads))  # measured twice: a busy moment understates the ceiling
+
+    results = []
+    for point, name in zip(points(base), commands):
+        results.append({**point, **summarise(json.loads((scratch / f"{name}.json").read_text()), args.warmup, peak)})
         r = results[-1]
-        print(f"  -> {r['seconds_per_iteration']:.3f} s/iteration, peak RSS {r['peak_rss_mib']:.0f} MiB, "
+        print(f"{name}: {r['seconds_per_iteration']:.3f} s/iteration, peak RSS {r['peak_rss_mib']:.0f} MiB, "
               f"{r['parameters']:,} parameters, update {r['update_flops_per_second'] / 1e9:.1f} GFLOP/s "
               f"({100 * r['update_fraction_of_matmul_peak']:.0f}% of peak)", flush=True)
+    shutil.rmtree(scratch, ignore_errors=True)
 
     result = {
         "command": " ".join(["python", "benchmarks/scaling.py", *sys.argv[1:]]),

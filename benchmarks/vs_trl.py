@@ -124,6 +124,13 @@ def wait_for_go() -> None:
     sys.stdin.readline()
 
 
+def wait_for_the_end() -> None:
+    """Hold until the driver closes stdin: an arm that exits (writes its results, tears down)
+    while another runs its last iteration would slow that iteration."""
+    while sys.stdin.readline():
+        pass
+
+
 def report_done(arm: str, iteration: int, row: dict) -> None:
     print(f"@done {arm} {iteration:3d}: {row['seconds']:.3f}s reward {row['reward']:.3f} "
           f"accuracy {row['accuracy']:.3f}", flush=True)
@@ -562,7 +569,7 @@ class Arm:
 
 
 def run_lockstep(commands: dict[str, list[str]], iterations: int, work: Path) -> None:
-    """Start both arms, then alternate their iterations (who goes first alternates too)."""
+    """Start every arm, then take their iterations in turn (the order reversed every other round)."""
     arms = {name: Arm(name, command, work / f"{name}.log") for name, command in commands.items()}
     for arm in arms.values():
         arm.until("@ready")
@@ -595,6 +602,7 @@ def main() -> None:
 
     if args.arm:
         result = (run_ours if args.arm == "ours" else run_trl)(args)
+        wait_for_the_end()
         Path(args.out).write_text(json.dumps(result))
         return
 
