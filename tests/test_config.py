@@ -40,6 +40,7 @@ def test_overrides_are_parsed_as_yaml_values():
     ("grpo.loss_agg=mean", "grpo.loss_agg: Input should be 'grpo', 'dapo' or 'dr_grpo'"),
     ("grpo.scale_rewards=max", "grpo.scale_rewards: Input should be 'group', 'batch' or 'none'"),
     ("grpo.minibatch_size=100", "grpo.minibatch_size=100 must divide"),
+    ("grpo.minibatches=prompts", "grpo.minibatches: Input should be 'groups' or 'completions'"),
     ("rollout.top_p=1.5", "rollout.top_p: Input should be less than or equal to 1"),
     ("reward.target_language=xx", "reward.target_language: unknown language 'xx'"),
     ("device=tpu", "device: Input should be 'auto', 'cpu' or 'cuda'"),
