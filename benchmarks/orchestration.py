@@ -91,7 +91,6 @@ class Arm:
         if self.finished and self.process.returncode:
             raise SystemExit(f"the {self.name} arm failed with code {self.process.returncode}; its output: {self.log}")
 
-
     def running_seconds_at(self, moment: float) -> float:
         """How long the arm had been running (stopped time left out) at wall-clock `moment`."""
         return sum(max(0.0, min(end, moment) - start) for start, end in self.slices)

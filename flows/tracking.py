@@ -202,11 +202,14 @@ class Tracker:
         if time.monotonic() - self._flushed >= self.flush_seconds:
             self.flush()
 
-    def flush(self) -> None:
-        """Send everything buffered to the tracking process now."""
+    def _send_buffer(self) -> None:
         if self._buffer:
             self._send({"op": "log_iterations", "entries": self._buffer})
             self._buffer = []
+
+    def flush(self) -> None:
+        """Send everything buffered to the tracking process now."""
+        self._send_buffer()
         self._flushed = time.monotonic()
         self._collect(wait=False)
 
@@ -218,9 +221,7 @@ class Tracker:
         """Send what is buffered, close the run (with the policy, when it finished), and wait for it."""
         errors: list[TrackingError] = []
         try:
-            if self._buffer:
-                self._send({"op": "log_iterations", "entries": self._buffer})
-                self._buffer = []
+            self._send_buffer()
             # After an earlier failure, the worker closes the run as FAILED whatever `status` says.
             self._send({"op": "finish", "status": status})
         except TrackingError as error:  # the worker is gone: nothing more to send
