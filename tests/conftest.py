@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +18,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 _STATE = tempfile.mkdtemp(prefix="grpo-tests-")
+# Every temporary file of the session — ours, pytest's, and those of the servers, workers and
+# CLIs the tests start — goes under _STATE, which is removed at exit (registered before
+# Prefect's own exit handler, so it runs after it): a CI machine's disk does not fill up run
+# after run. `pytest --basetemp DIR` keeps a failing test's files.
+os.environ["TMPDIR"] = os.path.join(_STATE, "tmp")
+os.mkdir(os.environ["TMPDIR"])
+tempfile.tempdir = None  # re-read TMPDIR
+atexit.register(shutil.rmtree, _STATE, ignore_errors=True)
 
 # Before prefect/mlflow are imported: keep their state out of the user's home and the repo.
 os.environ.setdefault("PREFECT_HOME", os.path.join(_STATE, "prefect"))

@@ -52,7 +52,7 @@ from stages.update import TrainState, make_optimizer, update
 
 from conftest import ROOT, TINY
 
-STATE = Path(tempfile.mkdtemp(prefix="grpo-bad-input-"))  # Prefect/MLflow homes: never inside a workspace
+STATE = Path(tempfile.mkdtemp(prefix="grpo-bad-input-"))  # Prefect/MLflow homes: never inside a workspace (under the session's TMPDIR)
 
 USER_REWARDS = '''
 import numpy as np
