@@ -152,7 +152,7 @@ def our_iterations(params, inputs: Path, root: Path, *, ready=lambda: None, befo
     import stages.update as update_module
     from stages.advantage import advantage
     from stages.artifacts import Layout
-    from stages.modeling import configure_threads, load_model, load_tokenizer, resolve_device
+    from stages.modeling import compile_forward, configure_threads, load_model, load_tokenizer, resolve_device
     from stages.reward import reward
     from stages.rollout import rollout
     from stages.update import TrainState, make_optimizer, update
@@ -168,6 +168,10 @@ def our_iterations(params, inputs: Path, root: Path, *, ready=lambda: None, befo
     model = load_model(layout.reference, params.model, device, dtype=torch.float32).eval()
     state = TrainState(model, load_tokenizer(layout.reference), make_optimizer(model, params))
     reference = load_model(layout.reference, params.model, device).eval() if params.grpo.beta else None
+    if params.compile:  # as flows/train.py does
+        for compiled in (model, reference):
+            if compiled is not None:
+                compile_forward(compiled)
 
     # Measured on the side: the checkpoint write (part of our update stage) and the tokens the
     # update's forward passes really process (each distinct prompt once per minibatch).

@@ -38,7 +38,7 @@ from stages.config import Params
 from stages.errors import PipelineError
 from stages.manifest import (checkpoint_path, completed_iterations, read_manifest, resume_point,
                              training_fingerprint, write_manifest)
-from stages.modeling import configure_threads, load_model, load_tokenizer, resolve_device, save_model
+from stages.modeling import compile_forward, configure_threads, load_model, load_tokenizer, resolve_device, save_model
 from stages.report import write_training_metrics
 from stages.reward import reward
 from stages.rollout import rollout
@@ -158,6 +158,12 @@ def train_iterations(params: Params, layout: Layout, run_name: str | None) -> di
     reference = None
     if params.grpo.beta != 0.0:
         reference = load_model(layout.reference, params.model, state.model.device).eval()
+    if params.compile:
+        logger.info("compiling the forward of the policy%s (compile: true): the first iterations take longer",
+                    " and the reference" if reference is not None else "")
+        for model in (state.model, reference):
+            if model is not None:
+                compile_forward(model)
 
     tracker = Tracker(params, layout, prefect_flow_run_id=flow_run.get_id(), run_name=run_name)
     for manifest in done:  # a resumed run still shows the whole curve

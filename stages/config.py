@@ -124,6 +124,7 @@ class Params(Section):
     seed: int = Field(ge=0)
     device: Literal["auto", "cpu", "cuda"]
     threads: int = Field(ge=0)  # torch intra-op threads; 0 = one per core
+    compile: bool  # torch.compile the policy's and reference's forward during training
     data: DataConfig
     model: ModelConfig
     sft: SFTConfig
