@@ -657,7 +657,7 @@ def main() -> None:
         "config": {"group_size": params.rollout.group_size, "prompts_per_iteration": params.rollout.prompts_per_iteration,
                    "max_new_tokens": params.rollout.max_new_tokens, "beta": params.grpo.beta, "mu": params.grpo.mu,
                    "minibatch_size": params.grpo.minibatch_size, "minibatches": params.grpo.minibatches,
-                   "loss_agg": params.grpo.loss_agg,
+                   "loss_agg": params.grpo.loss_agg, "compile": params.compile,
                    "overrides": args.set},
         "load_average_before_after": [load_before, list(os.getloadavg())],
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),

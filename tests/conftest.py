@@ -47,8 +47,6 @@ TINY = [
     "rollout.prompts_per_iteration=4", "rollout.group_size=4", "rollout.max_new_tokens=24",
     "grpo.iterations=2", "grpo.minibatch_size=8", "grpo.lr=0.001",
     "eval.max_new_tokens=24",
-    # Compiling costs a minute per model shape; tests/test_compile.py and test_pipeline's run cover it.
-    "compile=false",
 ]
 
 

@@ -44,6 +44,7 @@ def test_overrides_are_parsed_as_yaml_values():
     ("rollout.top_p=1.5", "rollout.top_p: Input should be less than or equal to 1"),
     ("reward.target_language=xx", "reward.target_language: unknown language 'xx'"),
     ("device=tpu", "device: Input should be 'auto', 'cpu' or 'cuda'"),
+    ("compile=sometimes", "compile: Input should be a valid boolean"),
     ("grpo.iterations=many", "grpo.iterations: Input should be a valid integer"),
 ])
 def test_a_bad_value_is_one_line_naming_the_key(override, message):

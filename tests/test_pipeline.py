@@ -29,7 +29,7 @@ ITERATION_COLUMNS = {"reward", "rewards/accuracy", "rewards/format", "rewards/la
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """One tiny run, shared by the tests that only read it. One minibatch, so the loss is recomputable
-    (by the eager model: the run's own forward is compiled, as with the default params)."""
+    (by the eager model: the run's own forward is compiled, `compile: true`)."""
     root = tmp_path_factory.mktemp("project")
     overrides = [*TINY, "grpo.minibatch_size=16", "grpo.mu=1", "grpo.beta=0.1", "compile=true"]
     pipeline(load_params(ROOT / "params.yaml", overrides), Layout(root))

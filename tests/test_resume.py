@@ -70,15 +70,23 @@ def outcome(root: Path) -> dict:
             "iterations.csv": without_timings(pd.read_csv(layout.metrics / "iterations.csv")).to_dict("list")}
 
 
+def artefacts_so_far(root: Path) -> dict:
+    """The files of the iterations a stopped run has done, by content."""
+    layout, found = Layout(root), {}
+    for folder in sorted((layout.runs / "iterations").iterdir()):
+        if (folder / "manifest.json").is_file():
+            i = int(folder.name)
+            for name in ("rollouts.parquet", "rewards.parquet", "advantages.parquet"):
+                found[f"{i}/{name}"] = file_digest(folder / name)
+            found[f"{i}/update.json"] = without_timings(json.loads((folder / "update.json").read_text()))
+    return found
+
+
 def artefacts(root: Path) -> dict:
     """Every artefact of every iteration, by content."""
     layout = Layout(root)
-    found = outcome(root)
-    for i in range(1, ITERATIONS + 1):
-        folder = layout.iteration(i)
-        for name in ("rollouts.parquet", "rewards.parquet", "advantages.parquet"):
-            found[f"{i}/{name}"] = file_digest(folder / name)
-        found[f"{i}/update.json"] = without_timings(json.loads((folder / "update.json").read_text()))
+    found = {**outcome(root), **artefacts_so_far(root)}
+    assert len(found) == 2 + 4 * ITERATIONS  # every iteration done
     for checkpoint in sorted((layout.runs / "checkpoints").iterdir()):
         for name in ("model.safetensors", "optimizer.pt"):
             found[f"checkpoint/{checkpoint.name}/{name}"] = file_digest(checkpoint / name)
@@ -146,3 +154,25 @@ def test_damaged_artefacts_are_detected_by_digest_and_redone(damage, target, red
     log = rerun.stdout + rerun.stderr
     assert (f"resuming after iteration {redone_from}" in log) if redone_from else ("resuming" not in log)
     assert artefacts(root) == artefacts(uninterrupted)
+
+
+
+
+def test_a_killed_compiled_run_resumes_after_its_last_done_iteration(prepared, env, tmp_path):
+    """`compile: true` resumes as an eager run does: the done iterations are kept untouched and
+    the run finishes. Compiled runs are reproducible in distribution, not bit for bit: inductor
+    picks its kernels by the shapes it sees first, so two compiled runs can round differently."""
+    root = workspace(prepared, tmp_path, "compiled")
+    params = root / "params.yaml"
+    params.write_text(params.read_text().replace("compile: false", "compile: true"))
+    killed = train(root, env, kill_at=("update", 3))
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert "compiling the forward of the policy and the reference" in killed.stdout + killed.stderr
+    done = {k: v for k, v in artefacts_so_far(root).items() if k[:2] in ("1/", "2/")}
+    assert len(done) == 8
+
+    resumed = train(root, env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming after iteration 2" in resumed.stdout + resumed.stderr
+    assert {k: v for k, v in artefacts(root).items() if k in done} == done
+    assert len(pd.read_csv(Layout(root).metrics / "iterations.csv")) == ITERATIONS
