@@ -16,7 +16,9 @@ steps, the same work as one of our iterations.
 Per arm: median seconds per iteration after the warm-up, its split into generation /
 scoring / reference log-probs / update, rollout tokens per second, peak RSS, mean reward and
 accuracy per iteration, and the update's achieved FLOP/s (6 * parameters * tokens / s)
-against this machine's fp32 matmul peak. Writes benchmarks/results/vs_trl.{json,png}.
+against this machine's fp32 matmul peak; and the work-skipping bound: the speedup over TRL
+that doing only our work at TRL's cost per position would give. Writes
+benchmarks/results/vs_trl.{json,png}. `--set compile=true --trl-torch-compile` compiles both.
 """
 
 from __future__ import annotations
@@ -176,7 +178,7 @@ def our_iterations(params, inputs: Path, root: Path, *, ready=lambda: None, befo
     # Measured on the side: the checkpoint write (part of our update stage) and the tokens the
     # update's forward passes really process (each distinct prompt once per minibatch).
     checkpoint_seconds: list[float] = []
-    processed = [0]
+    processed = [0, 0]  # the update's positions, the reference's
     save, logprobs = update_module.save_checkpoint, update_module.shared_prompt_logprobs
 
     def timed_save(*a, **k):
@@ -185,11 +187,12 @@ def our_iterations(params, inputs: Path, root: Path, *, ready=lambda: None, befo
         checkpoint_seconds.append(time.perf_counter() - started)
 
     def counted_logprobs(model_, prompt_ids, prompt_mask, completion_ids, completion_mask, *a, **k):
-        if torch.is_grad_enabled():  # positions fed, padding included, as for TRL
-            prompts = len(torch.unique(torch.cat([prompt_ids, prompt_mask], 1), dim=0))
-            rows, width = completion_ids.shape
-            shared = prompts < rows
-            processed[0] += (prompts if shared else rows) * prompt_ids.shape[1] + rows * (width - shared)
+        # Positions fed, padding included, as for TRL: the update's (under grad) and the reference's.
+        prompts = len(torch.unique(torch.cat([prompt_ids, prompt_mask], 1), dim=0))
+        rows, width = completion_ids.shape
+        shared = prompts < rows
+        processed[0 if torch.is_grad_enabled() else 1] += (
+            (prompts if shared else rows) * prompt_ids.shape[1] + rows * (width - shared))
         return logprobs(model_, prompt_ids, prompt_mask, completion_ids, completion_mask, *a, **k)
 
     update_module.save_checkpoint, update_module.shared_prompt_logprobs = timed_save, counted_logprobs
@@ -198,7 +201,7 @@ def our_iterations(params, inputs: Path, root: Path, *, ready=lambda: None, befo
     ready()
     for iteration in range(1, params.grpo.iterations + 1):
         before(iteration)
-        processed[0] = 0
+        processed[:] = [0, 0]
         t0 = time.perf_counter()
         rolled = rollout(params, layout, iteration, state.model, state.tokenizer)
         t1 = time.perf_counter()
@@ -222,6 +225,7 @@ def our_iterations(params, inputs: Path, root: Path, *, ready=lambda: None, befo
             "completion_tokens": completion_tokens,
             "update_tokens": params.grpo.mu * (completion_tokens + int(rollouts["prompt_ids"].map(len).sum())),
             "update_tokens_processed": processed[0],
+            "reference_tokens_processed": processed[1],
             "rollout_tokens_per_second": completion_tokens / (t1 - t0),
             "reward": rewarded["reward"],
             "accuracy": rewarded["rewards/accuracy"],
@@ -241,7 +245,7 @@ def run_ours(args: argparse.Namespace) -> dict:
 # --- arm: TRL ---------------------------------------------------------------------------
 
 
-def trl_config(params, output_dir: str) -> tuple[dict, dict]:
+def trl_config(params, output_dir: str, torch_compile: bool = False) -> tuple[dict, dict]:
     """GRPOConfig keyword arguments matched to our params, and how each was matched."""
     cfg, rollout = params.grpo, params.rollout
     completions = rollout.prompts_per_iteration * rollout.group_size
@@ -282,6 +286,7 @@ def trl_config(params, output_dir: str) -> tuple[dict, dict]:
         disable_tqdm=True,
         dataloader_num_workers=0,
         remove_unused_columns=False,
+        torch_compile=torch_compile,
     )
     matching = {
         "G": f"num_generations={rollout.group_size}",
@@ -328,6 +333,9 @@ def trl_config(params, output_dir: str) -> tuple[dict, dict]:
         "memory savers": ("gradient_checkpointing=False: TRL's default is True, which recomputes the forward in "
                           "the backward; ours never checkpoints, so both do the same work"),
         "seed": f"seed={params.seed} (+ repeat index)",
+        "compile": (f"ours compile={params.compile} (the policy's and reference's forward through torch.compile); "
+                    f"TRL torch_compile={torch_compile} (--trl-torch-compile: the Trainer compiles the model it "
+                    "trains)"),
         "threads": ("torch.set_num_threads as our configure_threads (params.threads; 0 = one per core) in both "
                     "arms, which inherit this process's environment (OMP_WAIT_POLICY included)"),
         "iterations interleaved": ("both arms run at once in their own processes, held between iterations: "
@@ -364,7 +372,7 @@ def run_trl(args: argparse.Namespace) -> dict:
         "target_language": [params.reward.target_language] * len(prompts),
     })
     rewards = resolve(params.reward.weights, params.reward.custom)
-    kwargs, _ = trl_config(params, args.scratch)
+    kwargs, _ = trl_config(params, args.scratch, args.trl_torch_compile)
     config = GRPOConfig(**kwargs)
     steps_per_iteration = config.steps_per_generation * config.num_iterations
 
@@ -430,6 +438,7 @@ def run_trl(args: argparse.Namespace) -> dict:
         # What its forward passes process: every row at the generation batch's full width.
         width = out["prompt_ids"].shape[1] + out["completion_ids"].shape[1]
         clock["update_tokens_processed"] = len(out["prompt_ids"]) * width * config.num_iterations
+        clock["reference_tokens_processed"] = len(out["prompt_ids"]) * width if trainer.ref_model is not None else 0
 
     trainer._generate = timed("generation", trainer._generate, after=count_tokens)
     trainer._calculate_rewards = timed("scoring", trainer._calculate_rewards, after=keep_rewards)
@@ -453,6 +462,7 @@ def run_trl(args: argparse.Namespace) -> dict:
             "completion_tokens": r["completion_tokens"],
             "update_tokens": r["update_tokens"],
             "update_tokens_processed": r["update_tokens_processed"],
+            "reference_tokens_processed": r["reference_tokens_processed"],
             "rollout_tokens_per_second": r["completion_tokens"] / r["generation"],
             "reward": r["reward"],
             "accuracy": r["accuracy"],
@@ -492,12 +502,38 @@ def summarise(runs: list[dict], warmup: int, peak: float) -> dict:
         "update_effective_flops_per_second": 6 * parameters * update_tokens / update_seconds,
         "update_tokens_per_iteration": update_tokens,
         "update_tokens_processed_per_iteration": median("update_tokens_processed"),
+        "reference_tokens_processed_per_iteration": median("reference_tokens_processed"),
         "reward_per_iteration": curve("reward"),
         "accuracy_per_iteration": curve("accuracy"),
         "mean_reward": statistics.fmean(curve("reward")),
         "mean_accuracy": statistics.fmean(curve("accuracy")),
         "seconds_per_iteration_all": [[row["seconds"] for row in run["iterations"]] for run in runs],
     }
+
+
+def work_skipping_bound(ours: dict, trl: dict) -> dict:
+    """The most that skipping work can buy: TRL's iteration with only the work ours does left in it.
+
+    Each phase at TRL's own measured cost per position: the `logp_old` forward dropped, the
+    update and the reference scaled by the positions ours feeds over those TRL feeds (each
+    prompt once per minibatch, no padding past the minibatch's longest completion), and the
+    faster of the two arms' generation and scoring. `speedup` = TRL's time over that: the ratio
+    an implementation would reach whose forward and backward cost TRL's per position and which
+    wrote no artefacts. Beyond it, only cheaper positions (fused kernels) or other maths go.
+    """
+    t, o = trl["median_split_seconds"], ours["median_split_seconds"]
+
+    def scaled(seconds: float, key: str) -> float:
+        theirs = trl[f"{key}_tokens_processed_per_iteration"]
+        return seconds * ours[f"{key}_tokens_processed_per_iteration"] / theirs if theirs else 0.0
+
+    phases = {"generation": min(t["generation"], o["generation"]),
+              "scoring": min(t["scoring"] + t["prep"], o["scoring"]),
+              "reference": scaled(t["reference"], "reference"),
+              "old_logprobs": 0.0,
+              "update": scaled(t["update"], "update")}
+    seconds = sum(phases.values())
+    return {"phases": phases, "seconds": seconds, "speedup": sum(t[key] for key in SPLIT) / seconds}
 
 
 def plot(result: dict, target: Path) -> None:
@@ -515,13 +551,20 @@ def plot(result: dict, target: Path) -> None:
     curves.set_xlabel("iteration")
     curves.set_title(f"mean over {result['repeats']} repeat(s)")
     curves.legend()
-    bottom = [0.0, 0.0]
+    splits = [arms["ours"]["median_split_seconds"], arms["trl"]["median_split_seconds"]]
+    names = ["ours", "TRL GRPOTrainer"]
+    bound = result.get("work_skipping_bound")
+    if bound:  # older results have none
+        splits.append(bound["phases"])
+        names.append("TRL, only our work\n(bound)")
+    bottom = [0.0] * len(splits)
     for key in SPLIT:
-        heights = [arms[arm]["median_split_seconds"][key] for arm in ("ours", "trl")]
-        bars.bar(["ours", "TRL GRPOTrainer"], heights, bottom=bottom, label=key)
+        heights = [split.get(key, 0.0) for split in splits]
+        bars.bar(names, heights, bottom=bottom, label=key)
         bottom = [b + h for b, h in zip(bottom, heights)]
     bars.set_ylabel("median seconds per iteration")
-    bars.set_title(f"TRL / ours = {result['speedup']:.2f}x")
+    title = f"TRL / ours = {result['speedup']:.2f}x"
+    bars.set_title(title + (f"; bound {bound['speedup']:.2f}x" if bound else ""))
     bars.legend()
     fig.tight_layout()
     fig.savefig(target, dpi=110)
@@ -596,6 +639,8 @@ def main() -> None:
     parser.add_argument("--reference", type=Path, help="a reference model directory made by the pipeline")
     parser.add_argument("--prompts", type=Path, help="its data/prompts directory")
     parser.add_argument("--output", type=Path, default=RESULTS / "vs_trl.json")
+    parser.add_argument("--trl-torch-compile", action="store_true",
+                        help="TRL with torch_compile=True (the Trainer compiles the model it trains)")
     # One arm in this process (how main runs each arm)
     parser.add_argument("--arm", choices=["ours", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--inputs", help=argparse.SUPPRESS)
@@ -629,7 +674,8 @@ def main() -> None:
             commands[arm] = [sys.executable, __file__, "--arm", arm, "--params", str(args.params),
                              "--inputs", str(inputs), "--scratch", str(scratch / arm), "--seed", str(params.seed + repeat),
                              "--iterations", str(args.iterations), "--out", str(scratch / f"{arm}.json"),
-                             *[f"--set={kv}" for kv in args.set]]
+                             *[f"--set={kv}" for kv in args.set],
+                             *(["--trl-torch-compile"] if args.trl_torch_compile else [])]
         run_lockstep(commands, args.iterations, scratch)
         for arm in commands:
             runs[arm].append(json.loads((scratch / f"{arm}.json").read_text()))
@@ -647,7 +693,7 @@ def main() -> None:
         curves[key] = {"mean_ours_minus_trl": statistics.fmean(diffs), "standard_error": error,
                        "pairs": len(diffs)}
     _, matching = trl_config(params.model_copy(update={"grpo": params.grpo.model_copy(
-        update={"iterations": args.iterations})}), "-")
+        update={"iterations": args.iterations})}), "-", args.trl_torch_compile)
     import trl
 
     result = {
@@ -658,6 +704,7 @@ def main() -> None:
                    "max_new_tokens": params.rollout.max_new_tokens, "beta": params.grpo.beta, "mu": params.grpo.mu,
                    "minibatch_size": params.grpo.minibatch_size, "minibatches": params.grpo.minibatches,
                    "loss_agg": params.grpo.loss_agg, "compile": params.compile,
+                   "trl_torch_compile": args.trl_torch_compile,
                    "overrides": args.set},
         "load_average_before_after": [load_before, list(os.getloadavg())],
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
@@ -666,6 +713,7 @@ def main() -> None:
         "ratio_ours_over_trl": arms["ours"]["median_seconds_per_iteration"] / arms["trl"]["median_seconds_per_iteration"],
         "speedup": arms["trl"]["median_seconds_per_iteration"] / arms["ours"]["median_seconds_per_iteration"],
         "curves_ours_minus_trl": curves,
+        "work_skipping_bound": work_skipping_bound(arms["ours"], arms["trl"]),
         "arms": arms,
         "matching": matching,
         "split_definitions": {
@@ -688,6 +736,9 @@ def main() -> None:
                              "completion tokens fed (padded to the minibatch's longest), mu times. "
                              "`update_effective_flops_per_second` counts instead the same work for both (prompt + "
                              "completion tokens of every completion, no padding, mu times): a rate of useful work",
+            "work_skipping_bound": ("TRL's iteration with only the work ours does left in it, each phase at TRL's "
+                                    "own cost per position (see work_skipping_bound): the most that skipping "
+                                    "work can buy at matched maths"),
         },
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -704,6 +755,9 @@ def main() -> None:
     for key, c in curves.items():
         print(f"{key}: ours - TRL = {c['mean_ours_minus_trl']:+.3f} +- {c['standard_error']:.3f} (mean over "
               f"{c['pairs']} iterations with the same prompts, +- one standard error)")
+    bound = result["work_skipping_bound"]
+    print(f"skipping work alone, at TRL's cost per position and with no artefacts written, reaches at most "
+          f"{bound['speedup']:.2f}x ({bound['seconds']:.3f} s/iteration)")
     print(f"ours / TRL = {result['ratio_ours_over_trl']:.3f} (TRL is {result['speedup']:.2f}x slower); "
           f"wrote {args.output} and {args.output.with_suffix('.png')}")
 
