@@ -15,7 +15,14 @@ from stages.modeling import compile_forward, encode_prompts
 from stages.update import TrainState, update
 
 from conftest import ROOT
-from test_update import G, LR, PROMPTS, iteration_files, params_for  # noqa: F401  (iteration_files: a fixture)
+from test_update import G, LR, PROMPTS, make_iteration_files, params_for
+
+
+@pytest.fixture(scope="module")
+def iteration_files(tmp_path_factory):
+    # One decoder layer, the shape of the tests' tiny pipeline (conftest.TINY): the kernels compiled
+    # here are in the session's inductor cache when test_resume.py's compiled run needs them.
+    return make_iteration_files(tmp_path_factory, num_layers=1)
 
 
 def test_a_compiled_model_samples_the_same_completions_with_the_same_logprobs(iteration_files):

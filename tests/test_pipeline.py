@@ -1,6 +1,7 @@
 """The whole pipeline through the CLI on a tiny config: artefacts, their contracts, and re-runs."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -28,10 +29,11 @@ ITERATION_COLUMNS = {"reward", "rewards/accuracy", "rewards/format", "rewards/la
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    """One tiny run, shared by the tests that only read it. One minibatch, so the loss is recomputable
-    (by the eager model: the run's own forward is compiled, `compile: true`)."""
+    """One tiny run with the default (eager) forward, shared by the tests that only read it. One
+    minibatch, so the loss is recomputable. `compile: true` has its own tests (test_compile.py,
+    and a killed compiled run's resume in test_resume.py)."""
     root = tmp_path_factory.mktemp("project")
-    overrides = [*TINY, "grpo.minibatch_size=16", "grpo.mu=1", "grpo.beta=0.1", "compile=true"]
+    overrides = [*TINY, "grpo.minibatch_size=16", "grpo.mu=1", "grpo.beta=0.1"]
     pipeline(load_params(ROOT / "params.yaml", overrides), Layout(root))
     return root, overrides
 
@@ -103,18 +105,19 @@ def test_eval_metrics_are_fractions_for_reference_and_policy(project):
         assert 0.0 <= metrics[key] <= 1.0
 
 
-def test_a_rerun_skips_done_iterations_and_a_changed_knob_redoes_them(tiny_params, tmp_path):
-    layout = Layout(tmp_path)
-    pipeline(tiny_params, layout)
+def test_a_rerun_skips_done_iterations_and_a_changed_knob_redoes_them(project, tmp_path):
+    root, overrides = project
+    shutil.copytree(root, tmp_path / "copy")  # the shared run stays as it was for the other tests
+    layout, params = Layout(tmp_path / "copy"), load_params(ROOT / "params.yaml", overrides)
     manifests = [layout.iteration(i) / "manifest.json" for i in (1, 2)]
     written = [m.stat().st_mtime_ns for m in manifests]
     before = {i: tree_digest(layout.iteration(i)) for i in (1, 2)}
 
-    train_step(tiny_params, layout)
+    train_step(params, layout)
     assert [m.stat().st_mtime_ns for m in manifests] == written  # nothing redone
     assert {i: tree_digest(layout.iteration(i)) for i in (1, 2)} == before
 
-    train_step(tiny_params.model_copy(update={"grpo": tiny_params.grpo.model_copy(update={"beta": 0.0})}), layout)
+    train_step(params.model_copy(update={"grpo": params.grpo.model_copy(update={"beta": 0.0})}), layout)
     assert all(m.stat().st_mtime_ns > w for m, w in zip(manifests, written))
     update = json.loads((layout.iteration(1) / "update.json").read_text())
     assert "kl" not in update  # beta = 0: the reference never ran

@@ -33,8 +33,13 @@ LR = 0.5
 @pytest.fixture(scope="module")
 def iteration_files(tmp_path_factory):
     """One iteration's rollouts.parquet and advantages.parquet, sampled from a tiny model."""
+    return make_iteration_files(tmp_path_factory, num_layers=2)
+
+
+def make_iteration_files(tmp_path_factory, num_layers: int):
     tokenizer = build_tokenizer()
-    shape = TinyModel(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position_embeddings=64)
+    shape = TinyModel(hidden_size=32, num_layers=num_layers, num_heads=2, intermediate_size=64,
+                      max_position_embeddings=64)
     model = build_tiny_model(shape, tokenizer, seed=5).eval()
     ids = encode_prompts(tokenizer, PROMPTS)
     out = sample(model, ids, group_size=G, max_new_tokens=10, eos_ids=[tokenizer.eos_token_id],
