@@ -1,5 +1,8 @@
 """Small pure helpers of the orchestration layer."""
 
+import os
+import subprocess
+import sys
 
 from flows.paths import project_root
 from flows.pipeline import exp_run_command
@@ -32,3 +35,16 @@ def test_a_run_started_in_a_dvc_temporary_copy_keeps_its_artifacts_in_the_projec
         assert location == (tmp_path.resolve() / "mlruns").as_uri()
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def startup_timeout(environment: dict[str, str]) -> str:
+    probe = ("import flows; from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as t; "
+             "print(t.value())")
+    return subprocess.run([sys.executable, "-c", probe], env=environment, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def test_a_temporary_prefect_server_gets_two_minutes_to_start_unless_the_user_says_otherwise():
+    environment = {k: v for k, v in os.environ.items() if k != "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"}
+    assert float(startup_timeout(environment)) == 120  # Prefect's own default, 20 s, was seen to run out
+    assert float(startup_timeout({**environment, "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "7"})) == 7
