@@ -43,6 +43,22 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
     return pad_rows(sequences, max(len(s) for s in sequences), pad_id, left=True)
 
 
+def select_rows(cache: DynamicCache, rows: torch.Tensor) -> None:
+    """Give row i of the batch the cached keys and values of row `rows[i]` (its prompt), under grad.
+
+    `index_select`, not the cache's own `batch_select_indices` (advanced indexing): indexing's
+    backward is `index_put_(accumulate=True)`, which on CPU adds into a large tensor from
+    several threads at once with atomics, so two runs of the same step round differently at
+    two threads or more (seen at the default model: 10 of 30 identical steps gave other
+    gradients). `index_select`'s backward, `index_add_`, adds in index order whatever the threads.
+    """
+    for layer in cache.layers:
+        if isinstance(getattr(layer, "keys", None), torch.Tensor):
+            layer.keys, layer.values = layer.keys.index_select(0, rows), layer.values.index_select(0, rows)
+        else:  # a layer that keeps its tensors otherwise: its own way
+            layer.batch_select_indices(rows)
+
+
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids that ignore left padding, as `generate` computes them."""
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -186,12 +202,12 @@ def shared_prompt_logprobs(
     cache = DynamicCache(config=model.config)
     out = model(input_ids=unique_ids, attention_mask=unique_mask, position_ids=positions(unique_mask),
                 past_key_values=cache, use_cache=True, logits_to_keep=1)
-    first_logits = out.logits[row_prompt]  # [B, 1, V]: predicts each completion's first token
+    first_logits = out.logits.index_select(0, row_prompt)  # [B, 1, V]: predicts each completion's first token
     if completion_ids.shape[1] == 1:
         logits = first_logits
     else:
         cache = out.past_key_values
-        cache.batch_select_indices(row_prompt)
+        select_rows(cache, row_prompt)
         fed_ids, fed_mask = completion_ids[:, :-1], completion_mask[:, :-1]
         mask = torch.cat([prompt_mask, fed_mask], dim=1)
         rest = model(input_ids=fed_ids, attention_mask=mask, position_ids=positions(mask)[:, prompt_mask.shape[1]:],

@@ -131,3 +131,40 @@ def test_rows_that_end_early_leave_the_batch_and_the_rest_decode_as_before(model
         assert (out.completion_ids[row, length:] == tokenizer.pad_token_id).all()
         torch.testing.assert_close(out.logprobs[row, :length], full.logprobs[row, :length], atol=1e-5, rtol=0)
         assert (out.logprobs[row, length:] == 0).all()
+
+
+def test_a_shared_prompt_step_is_bit_identical_at_two_threads_at_the_default_width():
+    """The default model (hidden 128, 4 layers) and minibatch (32 completions of 16 prompts):
+    big enough for torch to split kernels over threads (its grain is 32,768 elements; each
+    layer's selected keys here hold ~57,000). Selecting each row's prompt KV by indexing made 10
+    of 30 identical steps round differently at two threads; it must be 30 of 30 the same."""
+    from stages.config import load_params
+    from conftest import ROOT
+
+    shape = load_params(ROOT / "params.yaml").model.tiny
+    tokenizer = build_tokenizer()
+    model = build_tiny_model(shape, tokenizer, seed=0)
+    draw = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(4, 100, (int(torch.randint(12, 18, (1,), generator=draw)),), generator=draw).tolist()
+               for _ in range(16)]
+    completions = [torch.randint(4, 100, (int(torch.randint(5, 30, (1,), generator=draw)),), generator=draw).tolist()
+                   for _ in range(32)]
+    # As `grpo.minibatches: completions` draws them: 32 of the 16 x 8 completions, shuffled, so
+    # both threads' halves of the batch add into the same prompts' keys.
+    rows = torch.randperm(128, generator=draw)[:32].tolist()
+    batch = CompletionBatch.from_lists([prompts[row // 8] for row in rows], completions, tokenizer.pad_token_id)
+    assert 32 * shape.hidden_size * 12 > 32768  # rows x width x shortest prompt: past the grain, kernels split
+
+    def gradient() -> bytes:
+        model.zero_grad()
+        logp, _ = shared_prompt_logprobs(model, *batch.as_inputs(), with_entropy=True)
+        (logp * batch.completion_mask).sum().backward()
+        return b"".join(p.grad.numpy().tobytes() for p in model.parameters())
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        first = gradient()
+        assert all(gradient() == first for _ in range(29))
+    finally:
+        torch.set_num_threads(threads)
