@@ -83,6 +83,7 @@ class RewardConfig(Section):
     weights: dict[str, float] = Field(min_length=1)
     target_language: str
     custom: list[str]  # "package.module:function"
+    timeout_seconds: float = Field(gt=0)  # per call of one reward function on one iteration's completions
 
     @field_validator("target_language")
     @classmethod

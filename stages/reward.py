@@ -16,7 +16,8 @@ from stages.artifacts import Layout, write_parquet
 from stages.config import RewardConfig
 from stages.errors import RewardError, one_line
 from stages.rewards import RewardFn, resolve
-from stages.rollout import check_groups
+from stages.scoring import scoring_process
+from stages.groups import check_groups
 
 
 def _call(fn: RewardFn, rollouts: pd.DataFrame, target_language: str) -> Any:
@@ -89,13 +90,15 @@ def score_rollouts(rollouts: pd.DataFrame, cfg: RewardConfig, group_size: int | 
                    where: str = "") -> pd.DataFrame:
     """Check the groups, then score: one column per component and `reward`, their weighted sum.
 
-    `where` (the rollouts file) starts a group error's message.
+    Each component is scored in the scoring process (`stages.scoring`), within
+    `reward.timeout_seconds`. `where` (the rollouts file) starts a group error's message.
     """
     check_groups(rollouts, group_size, where)
     rewards = rollouts[["prompt_id", "sample"]].copy()
     total = np.zeros(len(rollouts))
-    for name, fn in resolve(cfg.weights, cfg.custom).items():
-        rewards[name] = score_component(name, fn, rollouts, cfg.target_language)
+    for name in resolve(cfg.weights, cfg.custom):
+        rewards[name] = scoring_process(cfg.custom).score(name, cfg.weights, cfg.custom, rollouts, cfg.target_language,
+                                                cfg.timeout_seconds)
         total += cfg.weights[name] * np.nan_to_num(rewards[name].to_numpy(), nan=0.0)  # abstain adds 0
     rewards["reward"] = total
     return rewards

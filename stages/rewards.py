@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import logging
 import re
+import threading
 import unicodedata
 from functools import lru_cache
 from typing import Callable, Optional, Sequence
@@ -44,10 +45,17 @@ def extract_reasoning(completion: str) -> str:
     return "".join(spans) if spans else _ANSWER.sub("", completion)
 
 
-# We call math-verify without its signal-based timeout (signals only work on the main thread
-# and stages may run in worker threads); inputs are capped in length instead. It warns on
-# every call about that choice.
+# math-verify's timeouts are SIGALRM alarms, which only the main thread can set: rewards are
+# scored on the main thread of the scoring process (stages/scoring.py), where each parse and
+# comparison gets MATH_VERIFY_SECONDS (a timed-out answer counts as wrong, not as a hang), and
+# reward.timeout_seconds bounds the whole call. Elsewhere (a thread) there is no alarm;
+# inputs are capped in length either way. math-verify warns on every call without one.
 logging.getLogger("math_verify").setLevel(logging.ERROR)
+MATH_VERIFY_SECONDS = 5
+
+
+def _alarm_seconds() -> int | None:
+    return MATH_VERIFY_SECONDS if threading.current_thread() is threading.main_thread() else None
 
 
 @lru_cache(maxsize=65536)
@@ -56,7 +64,7 @@ def _parsed(text: str) -> tuple:
     # command imports this module to check `reward` params, even one that scores nothing.
     from math_verify import parse
 
-    return tuple(parse(text[:512], parsing_timeout=None))
+    return tuple(parse(text[:512], parsing_timeout=_alarm_seconds()))
 
 
 @lru_cache(maxsize=65536)
@@ -67,7 +75,8 @@ def answers_match(gold: str, predicted: str) -> bool:
     if not gold_parsed:  # not mathematical: an exact match is all we can ask
         return gold.strip() == predicted.strip()
     predicted_parsed = _parsed(predicted)
-    return bool(predicted_parsed) and verify(list(gold_parsed), list(predicted_parsed), timeout_seconds=None)
+    return bool(predicted_parsed) and verify(list(gold_parsed), list(predicted_parsed),
+                                             timeout_seconds=_alarm_seconds())
 
 
 @reward("accuracy")

@@ -2,6 +2,8 @@
 
 import math
 import textwrap
+import threading
+import time
 
 import pandas as pd
 import pytest
@@ -58,7 +60,7 @@ def _rollouts(completions, answer="8"):
 
 
 def test_total_is_the_weighted_sum_of_the_components():
-    cfg = RewardConfig(weights={"accuracy": 1.0, "format": 0.5}, target_language="en", custom=[])
+    cfg = RewardConfig(weights={"accuracy": 1.0, "format": 0.5}, target_language="en", custom=[], timeout_seconds=60)
     scored = score_rollouts(_rollouts(["<think>1 + 7 = 8</think><answer>8</answer>", "8", "12"]), cfg)
     assert scored["accuracy"].tolist() == [1.0, 1.0, 0.0]
     assert scored["format"].tolist() == [1.0, 0.0, 0.0]
@@ -82,12 +84,21 @@ def user_rewards(tmp_path, monkeypatch):
 
         def returns_too_few(prompts, completions, **kwargs):
             return [1.0]
+
+        def backtracks_forever(prompts, completions, **kwargs):
+            import re  # catastrophic backtracking: C code that never releases the GIL
+            return [float(bool(re.match(r"(a+)+$", "a" * 64 + "b"))) for c in completions]
+
+        def prints_chatter(prompts, completions, **kwargs):
+            print("a reward that talks on stdout")
+            return [1.0] * len(completions)
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
 
 
-def _cfg(name):
-    return RewardConfig(weights={"accuracy": 1.0, name: 2.0}, target_language="en", custom=[f"my_rewards:{name}"])
+def _cfg(name, timeout_seconds=60.0):
+    return RewardConfig(weights={"accuracy": 1.0, name: 2.0}, target_language="en", custom=[f"my_rewards:{name}"],
+                        timeout_seconds=timeout_seconds)
 
 
 def test_a_user_reward_is_imported_by_dotted_path_and_weighted(user_rewards):
@@ -114,6 +125,31 @@ def test_a_reward_that_raises_names_the_completion(user_rewards):
 def test_a_reward_with_a_bad_result_is_refused(user_rewards, name, message):
     with pytest.raises(RewardError, match=message):
         score_rollouts(_rollouts(["8", "12"]), _cfg(name))
+
+
+def test_a_reward_that_hangs_is_stopped_at_its_deadline_naming_it_and_the_prompts(user_rewards):
+    started = time.monotonic()
+    with pytest.raises(RewardError, match=r"reward 'backtracks_forever' did not return within "
+                                          r"reward.timeout_seconds=1 on the 2 completions of prompt_id 'p'"):
+        score_rollouts(_rollouts(["8", "12"]), _cfg("backtracks_forever", timeout_seconds=1))
+    assert time.monotonic() - started < 30  # the deadline, plus starting the scoring process
+    # The hung process was stopped; the next call gets a fresh one.
+    assert score_rollouts(_rollouts(["8"]), _cfg("brevity"))["brevity"].tolist() == [0.5]
+
+
+def test_what_a_reward_prints_does_not_disturb_scoring(user_rewards):
+    assert score_rollouts(_rollouts(["8", "12"]), _cfg("prints_chatter"))["prints_chatter"].tolist() == [1.0, 1.0]
+
+
+def test_math_verify_runs_with_its_own_timeouts_on_a_main_thread_only():
+    from stages.rewards import MATH_VERIFY_SECONDS, _alarm_seconds
+
+    assert _alarm_seconds() == MATH_VERIFY_SECONDS  # pytest runs tests on the main thread, as the scoring process does
+    seen = []
+    worker = threading.Thread(target=lambda: seen.append(_alarm_seconds()))
+    worker.start()
+    worker.join()
+    assert seen == [None]  # a thread cannot set SIGALRM: math-verify would raise
 
 
 def test_reward_configuration_mistakes_name_the_key(user_rewards):

@@ -1,0 +1,177 @@
+"""Reward functions run in a process of their own, and every call has a deadline.
+
+A reward that hangs (a judge that never answers, a regex that backtracks forever, a sympy
+simplification that never ends) would otherwise hang the whole run: a thread cannot be
+stopped, and C code holding the GIL would stop the trainer's threads too. So the reward
+stage hands each component's call to a scoring process, `python -m stages.scoring`, started
+once per run (math-verify and the user's reward modules are imported once), and waits for
+its answer at most `reward.timeout_seconds`. A call past its deadline kills the process and
+stops the iteration before rewards.parquet is written, naming the reward and the prompts.
+
+Requests and replies are JSON lines (nothing is unpickled). Running on its own main thread,
+the scoring process can also give math-verify its signal-based per-answer timeouts, which a
+thread of the trainer cannot (see `stages.rewards.answers_match`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import math
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from stages.errors import RewardError, one_line
+
+COLUMNS = ["prompt", "completion", "answer", "prompt_id", "sample"]
+STARTUP_SECONDS = 120  # importing math-verify and the user's reward modules, on a busy machine
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Runs in the scoring process before it starts: SIGKILL it when the trainer dies, even by SIGKILL."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    os.setpgrp()  # not in the terminal's process group: Ctrl-C is the trainer's to answer
+
+
+def _prompt_ids(rollouts: pd.DataFrame, shown: int = 4) -> str:
+    ids = list(dict.fromkeys(rollouts["prompt_id"].tolist()))
+    listed = ", ".join(repr(i) for i in ids[:shown])
+    return f"prompt_id {listed}" + (f" and {len(ids) - shown} more" if len(ids) > shown else "")
+
+
+def _key(custom: list[str]) -> tuple:
+    return tuple(sys.path), os.getcwd(), tuple(custom)
+
+
+class ScoringProcess:
+    """The trainer's end: one scoring process, one call at a time."""
+
+    def __init__(self, custom: list[str]) -> None:
+        # The user's reward modules must import there as they do here (`python -m` puts the
+        # project on sys.path; tests prepend their workspace).
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        self.key = _key(custom)
+        self.process = subprocess.Popen([sys.executable, "-m", "stages.scoring", *custom], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, env=env, text=True, encoding="utf-8",
+                                        preexec_fn=_die_with_parent)
+        # It imports math-verify and the user's modules before it says it is ready: that time
+        # is not a reward's, and must not count against reward.timeout_seconds.
+        if not self._readable(STARTUP_SECONDS) or json.loads(self.process.stdout.readline() or "{}") != {"ready": True}:
+            self.stop()
+            raise RewardError(f"the reward scoring process did not start within {STARTUP_SECONDS} s "
+                              f"(exit code {self.process.returncode}); see the lines above")
+
+    def _readable(self, seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        ready: list = []
+        while not ready and time.monotonic() < deadline:  # select again if a signal woke it early
+            ready, _, _ = select.select([self.process.stdout], [], [], max(0.0, deadline - time.monotonic()))
+        return bool(ready)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self) -> None:
+        if self.alive():
+            self.process.kill()
+        self.process.wait()
+
+    def score(self, name: str, weights: dict[str, float], custom: list[str], rollouts: pd.DataFrame,
+              target_language: str, timeout: float) -> np.ndarray:
+        """`score_component` of the named reward, run there; its RewardError raised here."""
+        request = {"name": name, "weights": weights, "custom": custom, "target_language": target_language,
+                   "columns": {column: rollouts[column].tolist() for column in COLUMNS}}
+        self.process.stdin.write(json.dumps(request, default=_plain) + "\n")
+        self.process.stdin.flush()
+        if not self._readable(timeout):
+            self.stop()
+            raise RewardError(f"reward {name!r} did not return within reward.timeout_seconds={timeout:g} on the "
+                              f"{len(rollouts)} completions of {_prompt_ids(rollouts)}; it was stopped")
+        line = self.process.stdout.readline()
+        if not line:
+            code = self.process.wait()
+            raise RewardError(f"reward {name!r} ended its scoring process (exit code {code}) on the "
+                              f"{len(rollouts)} completions of {_prompt_ids(rollouts)}")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise RewardError(reply["error"])
+        return np.array([math.nan if v is None else v for v in reply["values"]], dtype=float)
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars and arrays (prompt ids, answers) as the JSON values they hold."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+_current: ScoringProcess | None = None
+
+
+def scoring_process(custom: list[str]) -> ScoringProcess:
+    """The run's scoring process: started on first use, again after a timeout or when what it imports changed."""
+    global _current
+    if _current is None or not _current.alive() or _current.key != _key(custom):
+        if _current is not None:
+            _current.stop()
+        _current = ScoringProcess(custom)
+    return _current
+
+
+def serve(requests, replies) -> None:
+    from stages.reward import score_component  # imported by warm_up already
+    from stages.rewards import resolve
+
+    for line in requests:
+        request = json.loads(line)
+        try:
+            functions = resolve(request["weights"], request["custom"])
+            values = score_component(request["name"], functions[request["name"]], pd.DataFrame(request["columns"]),
+                                     request["target_language"])
+            reply = {"values": [None if math.isnan(v) else float(v) for v in values]}
+        except RewardError as error:
+            reply = {"error": str(error)}
+        except Exception as error:  # importing the user's module: refused at params load already, but said here too
+            reply = {"error": f"reward {request['name']!r}: {type(error).__name__}: {one_line(error)}"}
+        print(json.dumps(reply), file=replies, flush=True)
+
+
+def warm_up(custom: list[str]) -> None:
+    """Import what scoring needs, so a reward's first call is timed on its own work."""
+    import stages.reward  # noqa: F401  (what `serve` calls: pandas, pyarrow, pydantic; no torch)
+    from stages.rewards import answers_match, import_reward
+
+    answers_match("1", "1")  # math-verify imports its parsers on first use
+    for dotted in custom:
+        import_reward(dotted)
+
+
+def main() -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the trainer decides when scoring stops
+    # Replies get stdout to themselves: whatever a reward function prints goes to stderr.
+    replies = os.fdopen(os.dup(sys.stdout.fileno()), "w", encoding="utf-8")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    try:
+        warm_up(sys.argv[1:])
+    except Exception as error:  # refused at params load already; the trainer names it
+        print(f"scoring process: {type(error).__name__}: {one_line(error)}", file=sys.stderr)
+        return 1
+    print(json.dumps({"ready": True}), file=replies, flush=True)
+    serve(sys.stdin, replies)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
