@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import json
 import os
+import re
+import resource
 import shutil
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pandas as pd
 import xxhash
 
-from stages.errors import PathError
+from stages.errors import DiskFullError, PathError
 
 
 @dataclass(frozen=True)
@@ -93,9 +97,71 @@ def atomic_path(target: Path) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+# --- a full disk -------------------------------------------------------------------------
+# A write that finds no space (ENOSPC), hits the process's file-size limit (EFBIG, `ulimit -f`)
+# or a quota (EDQUOT) is refused by the atomic writes above before anything is renamed into
+# place; what is left is to say so in one line. Libraries report it in their own words: an
+# OSError from Python and pyarrow, "os error 28" in safetensors' Rust error.
+_SPACE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+_SPACE_WORDS = {os.strerror(number): number for number in _SPACE_ERRNOS}
+_SPACE_IN_WORDS = re.compile(r"os error (\d+)\b|" + "|".join(map(re.escape, _SPACE_WORDS)))
+
+
+def space_errno(error: BaseException) -> int | None:
+    """ENOSPC, EFBIG or EDQUOT, if that is why `error` happened, from its errno or its words."""
+    if isinstance(error, OSError) and error.errno in _SPACE_ERRNOS:
+        return error.errno
+    for match in _SPACE_IN_WORDS.finditer(str(error)):
+        number = int(match.group(1)) if match.group(1) else _SPACE_WORDS[match.group(0)]
+        if number in _SPACE_ERRNOS:
+            return number
+    return None
+
+
+def readable_size(size: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} bytes"
+
+
+def free_space(path: Path) -> int:
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def _no_room_for(size: int, target: Path) -> bool:
+    """Whether `size` bytes cannot fit: for a library that reports a failed write in words of its own
+    (torch's zip writer says "unexpected pos")."""
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return free_space(target) < size or (limit != resource.RLIM_INFINITY and limit < size)
+
+
+@contextmanager
+def space_checked(target: Path, needed: Callable[[], int]) -> Iterator[None]:
+    """Within: a write that runs out of space becomes a DiskFullError naming `target` and the size it needed."""
+    try:
+        yield
+    except Exception as error:
+        number = space_errno(error)
+        if number is None and not _no_room_for(needed(), target):
+            raise
+        reason = os.strerror(number) if number else "no room (no space left, or the file-size limit)"
+        raise DiskFullError(f"{target}: {reason} writing {readable_size(needed())} ({readable_size(free_space(target))} "
+                            f"free on its filesystem); nothing was replaced: free some space and run the same "
+                            f"command to resume") from None
+
+
+def write_bytes(target: Path, data: bytes) -> None:
+    with space_checked(target, lambda: len(data)), atomic_path(target) as tmp:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+
+
 def write_text(target: Path, text: str) -> None:
-    with atomic_path(target) as tmp:
-        tmp.write_text(text)
+    write_bytes(target, text.encode())
 
 
 def write_json(target: Path, payload: Any) -> None:
@@ -107,8 +173,25 @@ def read_json(path: Path) -> Any:
 
 
 def write_parquet(target: Path, frame: pd.DataFrame) -> None:
-    with atomic_path(target) as tmp:
-        frame.to_parquet(tmp, index=False)
+    buffer = io.BytesIO()  # serialised first: its size is known if the disk turns out full
+    frame.to_parquet(buffer, index=False)
+    write_bytes(target, buffer.getvalue())
+
+
+def write_dir(target: Path, fill: Callable[[Path], None], needed: Callable[[], int]) -> None:
+    """`fill` a fresh staging directory beside `target`, then swap it in: never half a directory.
+
+    `needed` estimates the bytes it takes, for the message when the disk is full.
+    """
+    target = Path(target)
+    staging = target.with_name(f".{target.name}.tmp")
+    with space_checked(target, needed):
+        try:
+            fill(fresh_dir(staging))
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)  # a full disk needs its space back
+            raise
+        replace_dir(staging, target)
 
 
 def file_digest(path: Path) -> str:

@@ -8,22 +8,23 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from stages.artifacts import atomic_path, fresh_dir, replace_dir
+from stages.modeling import save_model, tensor_bytes
 
 OPTIMIZER_FILE = "optimizer.pt"
 
 
 def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                     optimizer: torch.optim.Optimizer, target: Path) -> None:
-    staging = fresh_dir(target.with_name(f".{target.name}.tmp"))
-    model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    # Plain tensors and numbers only, so it loads with weights_only=True (no pickle of code).
-    # Saved through a file object: torch names the archive inside after a path, and the
-    # temporary path is random, which would make identical states differ byte for byte.
-    with atomic_path(staging / OPTIMIZER_FILE) as tmp, open(tmp, "wb") as file:
-        torch.save(optimizer.state_dict(), file)
-    replace_dir(staging, target)
+    state = optimizer.state_dict()
+
+    def save_optimizer(staging: Path) -> None:
+        # Plain tensors and numbers only, so it loads with weights_only=True (no pickle of code).
+        # Through a file object: torch names the archive inside after a path it is given,
+        # and a temporary path would make identical states differ byte for byte.
+        with open(staging / OPTIMIZER_FILE, "wb") as file:
+            torch.save(state, file)
+
+    save_model(model, tokenizer, target, extra=save_optimizer, extra_bytes=tensor_bytes(state))
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, checkpoint: Path) -> None:
@@ -31,9 +32,13 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, checkpoint: Path) -> 
     optimizer.load_state_dict(state)
 
 
-def prune(checkpoints_dir: Path, keep_last: int) -> list[Path]:
-    """Remove all but the newest `keep_last` checkpoints; call only once the newest is complete."""
-    done = sorted(p for p in checkpoints_dir.glob("[0-9]" * 4) if p.is_dir())
+def prune(checkpoints_dir: Path, keep_last: int, newest: int) -> list[Path]:
+    """Keep the `keep_last` checkpoints up to iteration `newest`; call only once `newest` is complete.
+
+    Checkpoints past `newest` belong to an earlier run that this one has not yet replaced
+    (see `manifest.redoing`): they are left alone.
+    """
+    done = sorted(p for p in checkpoints_dir.glob("[0-9]" * 4) if p.is_dir() and int(p.name) <= newest)
     removed = done[:-keep_last]
     for path in removed:
         shutil.rmtree(path)

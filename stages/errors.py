@@ -48,3 +48,23 @@ class PathError(PipelineError, ValueError):
 
 class NumericsError(PipelineError, RuntimeError):
     """A NaN/inf loss or gradient, naming the iteration."""
+
+
+class BusyError(PipelineError, RuntimeError):
+    """Another process is running in the same project, naming it."""
+
+
+class DiskFullError(PipelineError, OSError):
+    """A write that found no space left (or hit the file-size limit), naming the path and the size."""
+
+
+class StoppedError(PipelineError):
+    """The run was asked to stop (SIGINT, SIGTERM) and stopped between two stages."""
+
+    def __init__(self, message: str, signal_number: int) -> None:
+        super().__init__(message)
+        self.signal_number = signal_number
+
+
+class ServiceError(PipelineError, RuntimeError):
+    """A bookkeeping service (the Prefect API, the MLflow store) that does not answer, naming it."""

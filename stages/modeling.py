@@ -13,7 +13,7 @@ import json
 import os
 import string
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models
@@ -21,7 +21,7 @@ from transformers.utils import logging as hf_logging
 from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig,
                           PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast)
 
-from stages.artifacts import fresh_dir, replace_dir
+from stages.artifacts import write_dir
 from stages.errors import DataError, ModelError, one_line
 from stages.config import ModelConfig, Params, TinyModel
 
@@ -213,13 +213,30 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> li
     return tokenizer(texts, add_special_tokens=not tokenizer.chat_template)["input_ids"]
 
 
-def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path) -> None:
-    """save_pretrained (safetensors) into a sibling directory, then swap it in: never half a model."""
-    target = Path(target)
-    staging = fresh_dir(target.with_name(f".{target.name}.tmp"))
-    model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    replace_dir(staging, target)
+def tensor_bytes(tensors: Any) -> int:
+    """Bytes of every tensor in a (nested) state dict: what saving it needs on disk, about."""
+    if isinstance(tensors, torch.Tensor):
+        return tensors.numel() * tensors.element_size()
+    if isinstance(tensors, dict):
+        return sum(tensor_bytes(value) for value in tensors.values())
+    if isinstance(tensors, (list, tuple)):
+        return sum(tensor_bytes(value) for value in tensors)
+    return 0
+
+
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path,
+               extra: Callable[[Path], None] | None = None, extra_bytes: int = 0) -> None:
+    """save_pretrained (safetensors) and the tokenizer, and whatever `extra` writes into the
+    directory (about `extra_bytes`), in a sibling directory swapped in at the end: never half
+    a model, and a full disk is one line."""
+
+    def fill(staging: Path) -> None:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        if extra is not None:
+            extra(staging)
+
+    write_dir(Path(target), fill, needed=lambda: tensor_bytes(model.state_dict()) + extra_bytes)
 
 
 # Where configs of the common architectures keep their context length.

@@ -6,11 +6,14 @@ Points (each a real `kill -9` of this process, no cleanup runs):
   rollout     completions generated, rollouts.parquet not yet written
   update      the optimizer has stepped once in memory, nothing of the update saved
   checkpoint  the checkpoint is written, the iteration's manifest is not
+And one that is not a kill:
+  fsize       the process's file-size limit (`ulimit -f`) drops to 1 kB as the checkpoint is saved
 
 The product has no fault hooks; this wraps its functions from outside, like a debugger would.
 """
 
 import os
+import resource
 import signal
 import sys
 from pathlib import Path
@@ -51,6 +54,11 @@ def arm(point: str, iteration: int) -> None:
         wrap(stages.update, "policy_step", after=lambda *_: current.get("iteration") == iteration and die())
     elif point == "checkpoint":
         wrap(flows.train, "write_manifest", before=lambda layout, i, *_: i == iteration and die())
+    elif point == "fsize":
+        def limit(model, tokenizer, optimizer, target, *_):
+            if target.name == f"{iteration:04d}":
+                resource.setrlimit(resource.RLIMIT_FSIZE, (1000, resource.RLIM_INFINITY))
+        wrap(stages.update, "save_checkpoint", before=limit)
     else:
         raise SystemExit(f"unknown point {point!r}")
 
