@@ -21,6 +21,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from flows.paths import project_root
+from stages.config import load_params
 
 Scalar = Union[str, int, float, bool]
 _FAILED_STAGE = re.compile(r"failed to reproduce '([^']+)'")
@@ -31,11 +32,16 @@ class StageFailed(RuntimeError):
     """A DVC stage failed; the message names it and its last error line."""
 
 
+def settings(overrides: dict[str, Scalar]) -> list[str]:
+    """`key=value` as `dvc exp run -S` (and `grpo --set`) take them: YAML values, booleans lowercase."""
+    return [f"{key}={str(value).lower() if isinstance(value, bool) else value}"
+            for key, value in sorted(overrides.items())]
+
+
 def exp_run_command(overrides: dict[str, Scalar], name: str) -> list[str]:
     command = ["dvc", "exp", "run", "--temp", "--name", name]
-    for key, value in sorted(overrides.items()):
-        rendered = str(value).lower() if isinstance(value, bool) else str(value)
-        command += ["-S", f"{key}={rendered}"]
+    for setting in settings(overrides):
+        command += ["-S", setting]
     return command
 
 
@@ -132,6 +138,13 @@ def dvc_exp_run(root: Path, overrides: dict[str, Scalar], name: str, parent_flow
     return name
 
 
+@task(name="check-params", cache_policy=NO_CACHE, persist_result=False)
+def check_params(root: Path, overrides: dict[str, Scalar]) -> None:
+    """params.yaml with the overrides, validated as every stage will (keys, values, reward paths):
+    a mistake fails the run here, in one line naming the key, before DVC starts."""
+    load_params(root / "params.yaml", settings(overrides))
+
+
 @flow(name="grpo-pipeline", persist_result=False)
 def grpo_pipeline(overrides: dict[str, Scalar] | None = None, run_name: str | None = None) -> dict[str, Any]:
     """prepare → reference → train → evaluate as a DVC experiment.
@@ -141,5 +154,6 @@ def grpo_pipeline(overrides: dict[str, Scalar] | None = None, run_name: str | No
     """
     root = project_root(Path.cwd())
     name = experiment_name(run_name)
+    check_params(root, dict(overrides or {}))
     dvc_exp_run(root, dict(overrides or {}), name, flow_run.get_id())
     return {"experiment": name, "overrides": dict(overrides or {})}

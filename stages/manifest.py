@@ -10,8 +10,10 @@ keeps the longest such prefix and redoes everything after it.
 from __future__ import annotations
 
 import json
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from stages.artifacts import Layout, read_json, tree_digest, value_digest, write_json
 from stages.config import Params
@@ -22,11 +24,12 @@ OUTPUTS = ("rollouts.parquet", "rewards.parquet", "advantages.parquet", "update.
 def training_fingerprint(params: Params, layout: Layout) -> dict[str, str]:
     """Everything an iteration's result depends on, except the checkpoint it starts from.
 
-    `grpo.iterations` is left out (a longer run extends a shorter one), and so are eval and
-    checkpoint retention, which do not change what an iteration computes.
+    `grpo.iterations` is left out (a longer run extends a shorter one), and so are eval,
+    checkpoint retention and the reward timeout, which do not change what an iteration computes.
     """
     shaping = params.model_dump(mode="json", include={"seed", "device", "rollout", "reward", "grpo"})
     shaping["grpo"].pop("iterations")
+    shaping["reward"].pop("timeout_seconds")  # how long a reward may take, not what it computes
     return {
         "params": value_digest(shaping),
         "reference": tree_digest(layout.reference),
@@ -85,3 +88,63 @@ def resume_point(layout: Layout, done: list[dict[str, Any]]) -> int:
 
 def checkpoint_path(layout: Layout, iteration: int) -> Path:
     return layout.checkpoint(iteration) if iteration else layout.reference
+
+
+def _set_aside(folder: Path) -> Path:
+    return folder.with_name(f".{folder.name}.previous")
+
+
+@contextmanager
+def redoing(layout: Layout, iteration: int) -> Iterator[None]:
+    """Redo `iteration` without losing what its folders held until the new ones are complete.
+
+    Its folder and checkpoint may hold another run's iteration (the params changed since) or
+    the partial files of a crashed try. They are renamed aside first, and deleted once the new
+    manifest is written. If the iteration does not get that far (a reward that raises, a full
+    disk, Ctrl-C, kill -9), they stay aside, the new partial files stay in place for a look,
+    and the next run puts the old ones back before anything else (`recover_set_aside`): a
+    failed run costs the previous run nothing, and reverting the params resumes it.
+    """
+    folders = [layout.iteration(iteration), layout.checkpoint(iteration)]
+    for folder in folders:
+        if folder.exists():
+            folder.rename(_set_aside(folder))
+    yield
+    for folder in folders:
+        if _set_aside(folder).exists():
+            shutil.rmtree(_set_aside(folder))
+
+
+def _put_back(folder: Path) -> None:
+    if _set_aside(folder).exists():
+        if folder.exists():
+            shutil.rmtree(folder)
+        _set_aside(folder).rename(folder)
+
+
+def recover_set_aside(layout: Layout) -> None:
+    """What `redoing` set aside in a run that did not finish: put back, unless the new iteration completed."""
+    for aside in sorted(layout.runs.glob("iterations/.[0-9][0-9][0-9][0-9].previous")):
+        iteration = int(aside.name[1:5])
+        folders = [layout.iteration(iteration), layout.checkpoint(iteration)]
+        if (folders[0] / "manifest.json").is_file():  # the new iteration is complete: the old files go
+            for folder in folders:
+                if _set_aside(folder).exists():
+                    shutil.rmtree(_set_aside(folder))
+        else:
+            for folder in folders:
+                _put_back(folder)
+    for aside in layout.runs.glob("checkpoints/.[0-9][0-9][0-9][0-9].previous"):  # its iteration had no folder
+        iteration = int(aside.name[1:5])
+        if (layout.iteration(iteration) / "manifest.json").is_file():
+            shutil.rmtree(aside)
+        else:
+            _put_back(layout.checkpoint(iteration))
+
+
+def discard_after(layout: Layout, iteration: int) -> None:
+    """Iterations and checkpoints past `iteration` (of a longer or an earlier run): removed at a run's end."""
+    for folder in (layout.runs / "iterations", layout.runs / "checkpoints"):
+        for path in folder.glob("[0-9]" * 4):
+            if int(path.name) > iteration:
+                shutil.rmtree(path)

@@ -50,7 +50,7 @@ from stages import rollout as rollout_stage
 from stages.reward import reward
 from stages.update import TrainState, make_optimizer, update
 
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, start_prefect_server, stop
 
 STATE = Path(tempfile.mkdtemp(prefix="grpo-bad-input-"))  # Prefect/MLflow homes: never inside a workspace (under the session's TMPDIR)
 
@@ -143,12 +143,18 @@ def previous_run(tmp_path_factory) -> Path:
 
 
 def snapshot(root: Path) -> dict[str, str]:
-    """Every path under `root` → its content digest ("dir" for a directory, the target for a link)."""
+    """Every path under `root` → its content digest ("dir" for a directory, the target for a link).
+
+    Except runs/.lock: every command that may write takes the project's run lock, and the lock
+    file names its latest holder (stages/runlock.py); it is not an artefact.
+    """
     state = {}
     for folder, dirs, files in os.walk(root):  # never follows a symlinked directory
         for name in dirs + files:
             path = Path(folder, name)
             rel = str(path.relative_to(root))
+            if path.name == ".lock" and path.parent.name == "runs":
+                continue
             if path.is_symlink():
                 state[rel] = f"link -> {os.readlink(path)}"
             elif path.is_dir():
@@ -220,6 +226,7 @@ def _params(ws: Path, overrides: list[str] = ()):
 
 
 def score_with(name: str) -> Callable[[Path, pytest.MonkeyPatch], None]:
+    """Iteration 1's reward stage with the user's reward `name` (the case's overrides say the same to dvc repro)."""
     def call(ws: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         params = _params(ws, custom(f"my_rewards:{name}"))
         reward(params.reward, Layout(ws), 1, params.rollout.group_size)
@@ -461,24 +468,24 @@ CASES = {
     # --- the train stages' checks at their boundaries, before anything reaches the update
     "reward-raises-on-one-completion": Case(
         STAGE, [ITERATION_1, ": reward 'fails_on_sample_2' raised on prompt_id=", " sample=2: ZeroDivisionError"],
-        call=score_with("fails_on_sample_2"), error=RewardError),
+        call=score_with("fails_on_sample_2"), overrides=custom("my_rewards:fails_on_sample_2"), error=RewardError),
     "reward-nan": Case(STAGE, [ITERATION_1, ": reward 'returns_nan' returned nan for prompt_id=", " sample=0: expected "
                                                                                                   "a finite number"],
-                       call=score_with("returns_nan"), error=RewardError),
+                       call=score_with("returns_nan"), overrides=custom("my_rewards:returns_nan"), error=RewardError),
     "reward-inf": Case(STAGE, ["reward 'returns_inf' returned inf for prompt_id=", " sample=3: expected a finite"],
-                       call=score_with("returns_inf"), error=RewardError),
+                       call=score_with("returns_inf"), overrides=custom("my_rewards:returns_inf"), error=RewardError),
     "reward-too-few-scores": Case(STAGE, ["reward 'returns_too_few' returned 15 scores for 16 completions"],
-                                  call=score_with("returns_too_few"), error=RewardError),
+                                  call=score_with("returns_too_few"), overrides=custom("my_rewards:returns_too_few"), error=RewardError),
     "reward-too-many-scores": Case(STAGE, ["reward 'returns_too_many' returned 17 scores for 16 completions"],
-                                   call=score_with("returns_too_many"), error=RewardError),
+                                   call=score_with("returns_too_many"), overrides=custom("my_rewards:returns_too_many"), error=RewardError),
     "reward-wrong-shape": Case(STAGE, ["reward 'returns_matrix' returned an array of shape (16, 2), expected (16,)"],
-                               call=score_with("returns_matrix"), error=RewardError),
+                               call=score_with("returns_matrix"), overrides=custom("my_rewards:returns_matrix"), error=RewardError),
     "reward-a-number-not-a-list": Case(STAGE, ["reward 'returns_a_number' returned float 1.0, expected a list of 16"],
-                                       call=score_with("returns_a_number"), error=RewardError),
+                                       call=score_with("returns_a_number"), overrides=custom("my_rewards:returns_a_number"), error=RewardError),
     "reward-returns-nothing": Case(STAGE, ["reward 'returns_nothing' returned NoneType None, expected a list of 16"],
-                                   call=score_with("returns_nothing"), error=RewardError),
+                                   call=score_with("returns_nothing"), overrides=custom("my_rewards:returns_nothing"), error=RewardError),
     "reward-text-scores": Case(STAGE, ["reward 'returns_text' returned '1.0' for prompt_id=", " sample=0"],
-                               call=score_with("returns_text"), error=RewardError),
+                               call=score_with("returns_text"), overrides=custom("my_rewards:returns_text"), error=RewardError),
     "group-duplicate-sample": Case(STAGE, [ITERATION_1, ": prompt_id=", " has sample 2 more than once"],
                                    setup=tamper_rollouts(lambda f: relabel(f, 3, sample=2)),
                                    call=score_iteration_1, error=GroupError),
@@ -500,7 +507,7 @@ CASES = {
     "rollout-prompt-longer-than-context": Case(
         STAGE, ["/data/prompts/train.parquet prompt_id ", "which with rollout.max_new_tokens=120 exceeds the model's "
                                                           "context of 128 tokens"],
-        error=DataError, call=rollout_iteration_2(["rollout.max_new_tokens=120"])),
+        error=DataError, call=rollout_iteration_2(["rollout.max_new_tokens=120"]), overrides=["rollout.max_new_tokens=120"]),
 }
 
 
@@ -579,3 +586,116 @@ def test_every_kind_of_bad_input_of_the_issue_is_covered():
                 "group-duplicate-sample", "group-missing-completion", "rollout-longer-than-max_new_tokens",
                 "path-outputs-symlinked-outside"]
     assert not set(required) - set(CASES)
+
+
+# ----------------------------------------------------------------------------- through dvc repro
+# DVC deletes a stage's outputs before running it unless they are `persist: true`: a refusal
+# by the stage itself then came too late. Here the same bad inputs go into params.yaml (and
+# the project) of a finished `dvc repro` run, and `dvc repro` must refuse them with the same
+# line while data/, models/ and metrics/ stay byte-identical, whichever stage trips.
+
+def _dvc_env(api: str | None = None) -> dict[str, str]:
+    return {**_env(), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
+            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com",
+            **({"PREFECT_API_URL": api} if api else {})}
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    """One server for the cases that reach `train`: each would otherwise boot a temporary one (~10 s)."""
+    server, api = start_prefect_server(_env())
+    yield api
+    stop(server)
+
+
+@pytest.fixture(scope="module")
+def finished_dvc_run(tmp_path_factory) -> Path:
+    """A git + DVC project after one complete `dvc repro` (tiny, one iteration), with the user's inputs beside it."""
+    root = tmp_path_factory.mktemp("dvc-run")
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.split()
+    for name in files:
+        if (ROOT / name).is_file() and not name.startswith("tests/"):
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, root / name)
+    (root / "params.yaml").write_text(_params_yaml(["grpo.iterations=1"]))
+    env = _dvc_env()
+    for command in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-q", "-m", "tiny"],
+                    ["dvc", "repro"]):
+        result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    rows("user/prompts.jsonl", good(30))(root)
+    shutil.copytree(root / "models" / "reference", root / "user" / "model")
+    (root / "my_rewards.py").write_text(USER_REWARDS)
+    (root / "broken_rewards.py").write_text("raise RuntimeError('half-written module')\n")
+    return root
+
+
+# Cases a user can make in params.yaml and the project; not the ones that are command-line
+# arguments, or doctored iteration files standing in for a broken stage.
+NOT_THROUGH_DVC = {
+    "evaluate-before-train": "dvc repro rebuilds the missing policy: not a mistake there",
+    "group-duplicate-sample": "a doctored rollouts.parquet", "group-missing-completion": "a doctored rollouts.parquet",
+    "group-incomplete-at-advantage": "a doctored rewards.parquet",
+    "rollout-longer-than-max_new_tokens": "a doctored sampler", "rollout-length-finish-before-the-budget": "a doctored sampler",
+    "rollout-nan-logprob": "a doctored sampler",
+    "params-missing-file": "a --params argument", "params-is-a-directory": "a --params argument",
+    "path-root-is-a-file": "a --root argument",
+    "params-override-not-key=value": "a --set argument", "params-override-bad-yaml": "a --set argument",
+    "params-override-into-a-value": "a --set argument",
+    "path-outputs-symlinked-outside": "DVC follows the link to the same files: nothing changed, nothing runs",
+}
+# What DVC itself refuses before it runs any stage (it reads params.yaml first), in its words.
+DVC_SAYS = {
+    "params-yaml-syntax": "ERROR: unable to read: 'params.yaml', YAML file structure is corrupted",
+    "params-not-a-mapping": "expected a dictionary, got 'list' in file 'params.yaml'",
+}
+DVC_CASES = [name for name in CASES if name not in NOT_THROUGH_DVC]
+
+
+def _write_overrides(ws: Path, overrides: list[str]) -> None:
+    if not overrides:  # the case may have made params.yaml unreadable on purpose
+        return
+    raw = yaml.safe_load((ws / "params.yaml").read_text())
+    for override in overrides:
+        key, _, value = override.partition("=")
+        set_key(raw, key, yaml.safe_load(value))
+    (ws / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def _dvc_case(name: str, repo: Path, parent: Path, api: str) -> tuple[str, str | None]:
+    """(name, what went wrong or None): `dvc repro` on one bad input, in a copy of the finished run."""
+    case = CASES[name]
+    ws = parent / name
+    shutil.copytree(repo, ws, symlinks=True)
+    if case.setup:
+        case.setup(ws)
+    _write_overrides(ws, case.overrides)
+    outputs = {folder: snapshot(ws / folder) for folder in ("data", "models", "metrics")}
+    result = subprocess.run(["dvc", "repro"], cwd=ws, env=_dvc_env(api), capture_output=True, text=True, timeout=600)
+    said = result.stdout + result.stderr
+    ours = [line for line in said.splitlines() if line.startswith("error: ")]
+    if result.returncode == 0:
+        return name, "dvc repro succeeded"
+    if name in DVC_SAYS:
+        if DVC_SAYS[name] not in said:
+            return name, f"DVC did not refuse it as expected: {said[-1000:]}"
+    elif len(ours) != 1 or not all(culprit in ours[0] for culprit in case.expect):
+        return name, f"not the one line naming {case.expect}: {ours or said[-1000:]}"
+    damaged = [folder for folder in outputs if snapshot(ws / folder) != outputs[folder]]
+    shutil.rmtree(ws, ignore_errors=True)
+    return name, f"{damaged} changed" if damaged else None
+
+
+def test_through_dvc_repro_every_bad_input_is_refused_before_dvc_touches_an_output(finished_dvc_run, prefect_api,
+                                                                                   tmp_path):
+    """Two `dvc repro` at a time (each mostly waits on imports): the whole list in a few minutes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cases = [name for name in DVC_CASES if not (name == "params-cuda-without-a-gpu" and torch.cuda.is_available())]
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda name: _dvc_case(name, finished_dvc_run, tmp_path, prefect_api), cases))
+    problems = [f"{name}: {problem}" for name, problem in results if problem]
+    assert not problems, "\n".join(problems)
+    assert len(cases) >= 70
