@@ -9,14 +9,17 @@ from __future__ import annotations
 import json
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, List, Optional
 
 import typer
 
+from flows.signals import Interrupted, stop_at_once
 from stages.artifacts import Layout
 from stages.config import Params, load_params
-from stages.errors import PipelineError
+from stages.errors import PipelineError, ServiceError, StoppedError
+from stages.runlock import exclusive_run
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
 
@@ -25,11 +28,23 @@ SetOption = typer.Option(None, "--set", "-S", help="override a params key: grpo.
 RootOption = typer.Option(Path("."), "--root", help="project directory holding data/, models/, runs/, metrics/")
 
 
-def _run(step: Callable[[Params, Layout], Any], params_file: Path, overrides: Optional[List[str]], root: Path) -> Any:
-    """Run a step; a user-fixable problem becomes one line on stderr and exit code 1."""
+def _run(step: Callable[[Params, Layout], Any], params_file: Path, overrides: Optional[List[str]], root: Path,
+         command: str) -> Any:
+    """Run a step, holding the project's run lock; a user-fixable problem becomes one line on
+    stderr and exit code 1, a SIGINT/SIGTERM one line and 128 + its number."""
     try:
-        params = load_params(params_file, overrides or [])
-        result = step(params, Layout(root.resolve()))
+        with stop_at_once():  # the GRPO loop stops at its next stage boundary instead (flows/signals.py)
+            params = load_params(params_file, overrides or [])
+            layout = Layout(root.resolve())
+            with exclusive_run(layout, f"grpo {command}") if command != "check" else nullcontext():
+                result = step(params, layout)
+    except StoppedError as stopped:
+        typer.echo(f"error: {stopped}", err=True)
+        raise typer.Exit(128 + stopped.signal_number) from None
+    except Interrupted as interrupted:
+        typer.echo(f"error: stopped by {interrupted} during {command}; what it had written before is unchanged; "
+                   f"run the same command to start it again", err=True)
+        raise typer.Exit(128 + interrupted.signal_number) from None
     except PipelineError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from None
@@ -53,14 +68,70 @@ def train_step(params: Params, layout: Layout) -> Any:
 
     with prefect_api() as server_ready:  # a temporary server boots while the flow's imports run
         from prefect import tags
+        from prefect.exceptions import TerminationSignal
 
-        from flows.train import train
+        from flows.train import readable_logs, train
 
         server_ready()
+        check_api_answers()
         # A run triggered from the Prefect deployment passes its flow run id down through DVC.
         parent = os.environ.get("GRPO_PARENT_FLOW_RUN_ID")
-        with tags(*([f"triggered-by:{parent}"] if parent else [])):
-            return train(params, layout)
+        try:
+            with tags(*([f"triggered-by:{parent}"] if parent else [])), readable_logs():
+                return train(params, layout)
+        except TerminationSignal as signal:  # a SIGTERM while Prefect starts or ends the flow run
+            raise Interrupted(signal.signal) from None
+
+
+def check_step(params: Params, layout: Layout) -> Any:
+    """Nothing to do: `_run` has validated every key of params.yaml (and imported the reward paths)."""
+    return {"params": "valid"}
+
+
+def check_api_answers() -> None:
+    from flows.outages import api_answers, api_url
+
+    url = api_url()
+    if url and not api_answers(url):
+        raise ServiceError(f"the Prefect API at {url} (PREFECT_API_URL) does not answer: start the server "
+                           f"(prefect server start --host 127.0.0.1) or unset PREFECT_API_URL to use a temporary one")
+
+
+def sync_step(params: Params, layout: Layout) -> Any:
+    """What the bookkeeping services missed while they were away, from what is on disk."""
+    from flows.tracking import MlflowRecord, describe_outage, manifest_entries, read_record, tracking_uri
+
+    synced: dict[str, Any] = {}
+    record = read_record(layout)
+    if record:
+        if record["tracking_uri"] != tracking_uri(layout.root):
+            raise ServiceError(f"runs/tracking.json: the run is recorded in the MLflow store {record['tracking_uri']}, "
+                               f"but MLFLOW_TRACKING_URI points at {tracking_uri(layout.root)}: set it to the former")
+        mlflow_record = MlflowRecord(layout.root, params.eval.samples_logged, record)
+        mlflow_record.add(manifest_entries(layout, record))
+        try:
+            mlflow_record.sync()
+        except Exception as error:  # the store is away (still): nothing was lost, try again later
+            raise ServiceError(f"MLflow: the store at {record['tracking_uri']} does not answer "
+                               f"({describe_outage(error)}); nothing was lost: run `grpo sync` again later") from None
+        synced |= {"mlflow_run_id": mlflow_record.record["mlflow_run_id"], "mlflow_status": record["status"],
+                   "iterations_in_mlflow": len(mlflow_record.in_store)}
+    from flows.outages import PENDING_FILE
+
+    if (layout.runs / PENDING_FILE).is_file():
+        from flows.outages import report_earlier_end
+        from flows.server import prefect_api
+
+        with prefect_api() as server_ready:
+            server_ready()
+            check_api_answers()
+            try:
+                pending = report_earlier_end(layout)
+            except Exception as error:
+                raise ServiceError(f"Prefect: could not record the end of the flow run in runs/{PENDING_FILE}: "
+                                   f"{type(error).__name__}: {error}") from None
+        synced |= {"prefect_flow_run_id": pending["flow_run_id"], "prefect_state": pending["state"]}
+    return synced
 
 
 def evaluate_step(params: Params, layout: Layout) -> Any:
@@ -82,16 +153,18 @@ def pipeline(params: Params, layout: Layout) -> Any:
 
 def _command(name: str, step: Callable[[Params, Layout], Any], doc: str) -> None:
     def command(params: Path = ParamsOption, set_: Optional[List[str]] = SetOption, root: Path = RootOption) -> None:
-        _run(step, params, set_, root)
+        _run(step, params, set_, root, name)
     command.__doc__ = doc
     app.command(name)(command)
 
 
+_command("check", check_step, "Validate every key of params.yaml (and the reward functions it names); write nothing.")
 _command("prepare", prepare_step, "Write data/prompts/{train,test}.parquet (built-in task or data.source).")
 _command("reference", reference_step, "Build + SFT the tiny model, or validate model.path → models/reference/.")
 _command("train", train_step, "Run the GRPO iterations (resumes from the last complete one) → models/policy/.")
 _command("evaluate", evaluate_step, "Greedy accuracy of reference and policy on held-out prompts → metrics/eval.json.")
 _command("run", pipeline, "The whole pipeline: prepare → reference → train → evaluate.")
+_command("sync", sync_step, "Complete the MLflow run and the Prefect flow run that an unreachable store or API missed.")
 
 
 @app.command("compare")

@@ -74,8 +74,11 @@ class TemporaryServer:
         # ephemeral server runs (it records the task runs and events of this flow).
         env = {**os.environ, **environment,
                "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+        # Its own session: a Ctrl-C in the terminal reaches the process group of `grpo train`, and
+        # the server must outlive it long enough to record the run as Cancelled (it still dies
+        # with this process, by PDEATHSIG, and is stopped by `stop`).
         self.process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL,
-                                        preexec_fn=_server_process_setup())
+                                        preexec_fn=_server_process_setup(), start_new_session=True)
 
     def wait_until_healthy(self, timeout: float) -> None:
         import httpx

@@ -1,8 +1,18 @@
-"""MLflow: one run per pipeline run, in one store at the project root.
+"""MLflow: one run per training run, in one store at the project root, kept complete from disk.
 
 Every way of running (`dvc repro`, `dvc exp run --temp`, a Prefect deployment) logs into
 the same sqlite store at the repo root, even when DVC runs the stage in a temporary copy
 under `.dvc/tmp/exps/`, so all runs can be compared side by side.
+
+The store is bookkeeping, and training never waits for it or dies of it. A remote tracking
+server that restarts, or a sqlite database locked by `mlflow ui` or another run, only
+delays the record: the tracking process keeps what the store refused and writes it when
+the store answers again. What it still holds when the run ends (after waiting
+`GRPO_SERVICES_WAIT_SECONDS`) is not lost either: `runs/tracking.json` says which MLflow
+run this is and what it should hold, the manifests hold every iteration's metrics, and
+`grpo sync` (or the next run in this directory) writes whatever the store lacks. Each
+iteration is written in one call, with an `iteration` metric, and a sync first asks the
+store which iterations it has: nothing is logged twice.
 """
 
 from __future__ import annotations
@@ -17,7 +27,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -25,11 +35,20 @@ import pyarrow.parquet as pq
 from flows.paths import project_root
 from stages.artifacts import Layout, read_json, write_json
 from stages.config import Params, flatten
+from stages.errors import DiskFullError
+from stages.manifest import completed_iterations
 
 EXPERIMENT = os.environ.get("GRPO_MLFLOW_EXPERIMENT", "grpo")
-TRACKING_FILE = "tracking.json"  # under runs/: which MLflow run and Prefect flow run this is
+TRACKING_FILE = "tracking.json"  # under runs/: which MLflow run this is, and what it should hold
 FLUSH_SECONDS = 10.0  # iterations reach MLflow in batches at most this far apart (TRL logs every 10 steps)
 MAX_METRICS_PER_CALL = 1000  # MLflow's limit for one log_batch
+MARKER = "iteration"  # logged with every iteration's metrics: which iterations the store has
+
+
+def services_wait_seconds() -> float:
+    """How long a finished run waits for the Prefect API or the MLflow store to answer before it leaves
+    the rest of its record to `grpo sync`: long enough for a server to restart."""
+    return float(os.environ.get("GRPO_SERVICES_WAIT_SECONDS", "30"))
 
 
 def tracking_uri(root: Path) -> str:
@@ -71,57 +90,148 @@ def _mlflow(root: Path):
     return mlflow
 
 
-class MlflowRun:
-    """The store calls of one training run, made in order, synchronously: the tracking process's half."""
+def read_record(layout: Layout) -> dict[str, Any] | None:
+    try:
+        return read_json(layout.runs / TRACKING_FILE)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
 
-    def __init__(self, root: Path, samples_logged: int) -> None:
+
+def manifest_entries(layout: Layout, record: dict[str, Any]) -> list[list]:
+    """The done iterations of the run `record` describes, as (iteration, ms stamp, metrics, samples) entries."""
+    entries = []
+    for manifest in completed_iterations(layout, record["fingerprint"], 10**6):
+        stamp = int((layout.iteration(manifest["iteration"]) / "manifest.json").stat().st_mtime * 1000)
+        entries.append([manifest["iteration"], stamp, numeric(manifest["metrics"]), True])
+    return entries
+
+
+def numeric(metrics: dict[str, Any]) -> dict[str, float]:
+    # TRL's metric names ("rewards/accuracy") are valid MLflow names as they are.
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+class MlflowRecord:
+    """A training run's MLflow run, as runs/tracking.json describes it, brought up to date by `sync`.
+
+    Runs in the tracking process during training, and in `grpo sync` afterwards. `sync`
+    raises whatever the store raises; nothing is dropped, so it can simply be called again.
+    """
+
+    def __init__(self, root: Path, samples_logged: int, record: dict[str, Any] | None = None) -> None:
         self.layout = Layout(root)
         self.samples_logged = samples_logged
-        self.mlflow = _mlflow(root)
-        self.client = self.mlflow.MlflowClient()
-        self.run_id: str | None = None
+        self.record = record or {}
+        self.pending: dict[int, tuple[int, dict[str, float], bool]] = {}  # iteration -> (stamp, metrics, samples)
+        self.in_store: set[int] | None = None  # iterations the store holds, once asked
+        self.samples_in_store: set[int] | None = None
+        self.notes: list[str] = []  # what went missing on our side (not the store's), to be said once
+        self._client = None
 
-    def start(self, params: dict[str, str], prefect_flow_run_id: str | None, name: str | None) -> str:
-        from mlflow.entities import Param
+    def begin(self, params: dict[str, str], fingerprint: dict[str, str], prefect_flow_run_id: str | None,
+              name: str | None) -> None:
+        """A new run, or the continuation (a resume) of the one on record when its params are the same."""
+        uri = tracking_uri(self.layout.root)
+        previous = read_record(self.layout) or {}
+        same = (previous.get("mlflow_run_id") and previous.get("tracking_uri") == uri
+                and previous.get("params") == params and previous.get("fingerprint") == fingerprint)
+        self.record = {
+            "mlflow_run_id": previous["mlflow_run_id"] if same else None,
+            "tracking_uri": uri, "experiment": EXPERIMENT,
+            "name": previous.get("name") if same else name,
+            "tags": run_tags(self.layout.root, prefect_flow_run_id),
+            "params": params, "fingerprint": fingerprint, "prefect_flow_run_id": prefect_flow_run_id,
+            "status": "RUNNING", "synced": False,
+        }
+        self.save()
 
-        experiment = self.mlflow.get_experiment_by_name(EXPERIMENT)
-        run = self.client.create_run(experiment.experiment_id, run_name=name,
-                                     tags=run_tags(self.layout.root, prefect_flow_run_id))
-        self.run_id = run.info.run_id
-        self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in params.items()])
-        write_json(self.layout.runs / TRACKING_FILE,
-                   {"mlflow_run_id": self.run_id, "prefect_flow_run_id": prefect_flow_run_id})
-        return self.run_id
+    def add(self, entries: list[list]) -> None:
+        for iteration, stamp, metrics, samples in entries:
+            self.pending[int(iteration)] = (int(stamp), metrics, bool(samples))
 
-    def log_iterations(self, entries: list[tuple[int, int, dict[str, float], bool]]) -> None:
-        """Metrics of (iteration, ms stamp, metrics, with samples) entries, and their sample tables."""
+    def end(self, status: str) -> None:
+        self.record.update(status=status, synced=False)
+        self.save()
+
+    def save(self) -> None:
+        try:
+            write_json(self.layout.runs / TRACKING_FILE, self.record)
+        except DiskFullError as error:  # the record stays in memory; the full disk is the trainer's to report
+            self.notes.append(f"runs/{TRACKING_FILE} not updated: {error}")
+
+    def client(self):
+        if self._client is None:
+            self._client = _mlflow(self.layout.root).MlflowClient()
+        return self._client
+
+    def sync(self) -> None:
+        """Write whatever the store lacks: the run, its params, iterations, samples, its end."""
+        client = self.client()
+        run_id = self.record.get("mlflow_run_id")
+        if run_id is None:
+            from mlflow.entities import Param
+
+            experiment = client.get_experiment_by_name(self.record.get("experiment", EXPERIMENT))
+            run_id = client.create_run(experiment.experiment_id, run_name=self.record["name"],
+                                       tags=self.record["tags"]).info.run_id
+            client.log_batch(run_id, params=[Param(k, v) for k, v in self.record["params"].items()])
+            self.record["mlflow_run_id"] = run_id
+            self.save()
+            self.in_store, self.samples_in_store = set(), set()
+        if self.in_store is None:  # a run on record, continued: ask what the store has
+            self.in_store = {m.step for m in client.get_metric_history(run_id, MARKER)}
+            self.samples_in_store = {int(a.path[-9:-5]) for a in client.list_artifacts(run_id, "samples")}
+            if self.record["status"] == "RUNNING" and client.get_run(run_id).info.status != "RUNNING":
+                client.update_run(run_id, status="RUNNING")
+        self._log_iterations(client, run_id)
+        if self.record["status"] != "RUNNING" and not self.record["synced"]:
+            if self.record["status"] == "FINISHED":
+                self._log_evaluation(client, run_id)
+                if self.layout.policy.is_dir() and not client.list_artifacts(run_id, "policy"):
+                    client.log_artifacts(run_id, str(self.layout.policy), artifact_path="policy")
+            client.set_terminated(run_id, status=self.record["status"])
+            self.record["synced"] = True
+            self.save()
+
+    def _log_iterations(self, client, run_id: str) -> None:
         from mlflow.entities import Metric
 
-        metrics = [Metric(k, v, stamp, iteration)
-                   for iteration, stamp, values, _ in entries for k, v in values.items()]
-        for start in range(0, len(metrics), MAX_METRICS_PER_CALL):
-            self.client.log_batch(self.run_id, metrics=metrics[start:start + MAX_METRICS_PER_CALL])
-        with_samples = [iteration for iteration, _, _, samples in entries if samples and self.samples_logged]
-        if not with_samples:
+        for iteration in sorted(self.pending):
+            stamp, metrics, _ = self.pending[iteration]
+            if iteration not in self.in_store:  # one call an iteration: it is in the store whole, or not at all
+                batch = [Metric(k, v, stamp, iteration) for k, v in {**metrics, MARKER: iteration}.items()]
+                for start in range(0, len(batch), MAX_METRICS_PER_CALL):
+                    client.log_batch(run_id, metrics=batch[start:start + MAX_METRICS_PER_CALL])
+                self.in_store.add(iteration)
+        wanted = sorted(i for i, (_, _, samples) in self.pending.items()
+                        if samples and self.samples_logged and i not in self.samples_in_store)
+        if wanted:
+            with tempfile.TemporaryDirectory(prefix="grpo-samples-") as folder:
+                for iteration in wanted:
+                    try:
+                        table = sample_table(self.layout, iteration, self.samples_logged)
+                    except Exception as error:  # an iteration's files gone: its samples only are missing
+                        self.notes.append(f"no sample table for iteration {iteration}: {type(error).__name__}")
+                        continue
+                    # Not log_table: it indexes every table in one run tag, which overflows MLflow's
+                    # 8000-character tag limit after ~130 iterations.
+                    (Path(folder) / f"iteration_{iteration:04d}.json").write_text(
+                        table.to_json(orient="records", indent=1, force_ascii=False), encoding="utf-8")
+                client.log_artifacts(run_id, folder, artifact_path="samples")
+            self.samples_in_store.update(wanted)
+        self.pending.clear()
+
+    def _log_evaluation(self, client, run_id: str) -> None:
+        """metrics/eval.json, if it is of this run's policy (written after it) and not in the store yet."""
+        evaluation, policy = self.layout.metrics / "eval.json", self.layout.policy / "config.json"
+        if not (evaluation.is_file() and policy.is_file()) or evaluation.stat().st_mtime < policy.stat().st_mtime:
             return
-        with tempfile.TemporaryDirectory(prefix="grpo-samples-") as folder:
-            for iteration in with_samples:
-                table = sample_table(self.layout, iteration, self.samples_logged)
-                # Not log_table: it indexes every table in one run tag, which overflows MLflow's
-                # 8000-character tag limit after ~130 iterations.
-                (Path(folder) / f"iteration_{iteration:04d}.json").write_text(
-                    table.to_json(orient="records", indent=1, force_ascii=False), encoding="utf-8")
-            self.client.log_artifacts(self.run_id, folder, artifact_path="samples")
-
-    def finish(self, status: str) -> None:
-        """Close the run; a finished one gets the policy as an artifact."""
-        if status == "FINISHED" and self.layout.policy.is_dir():
-            self.client.log_artifacts(self.run_id, str(self.layout.policy), artifact_path="policy")
-        self.client.set_terminated(self.run_id, status=status)
+        if not any(key.startswith("eval/") for key in client.get_run(run_id).data.metrics):
+            log_evaluation_metrics(client, run_id, read_json(evaluation))
 
 
-class TrackingError(RuntimeError):
-    """The tracking process could not write to MLflow."""
+def describe_outage(error: BaseException) -> str:
+    return f"{type(error).__name__}: {' '.join(str(error).split())[:160]}"
 
 
 class Tracker:
@@ -133,20 +243,28 @@ class Tracker:
     iteration), and run on whichever core training leaves idle. Requests go as JSON lines on
     the worker's stdin; each gets one reply line. Iterations are buffered and sent together
     every `flush_seconds` (and at the end): one store transaction for a batch costs about
-    what one iteration's costs. The manifests on disk hold every iteration's metrics at once;
-    a killed run's MLflow run lacks at most its last `flush_seconds`, and is marked KILLED
-    (the worker sees its stdin close). A failed call is raised on the next call here.
+    what one iteration's costs. A killed run's MLflow run lacks at most its last
+    `flush_seconds`, and is marked KILLED (the worker sees its stdin close).
+
+    Nothing here raises because of the store: its trouble is reported through `warn`, once
+    when it starts and once at the end if the record is still incomplete.
     """
 
-    def __init__(self, params: Params, layout: Layout, prefect_flow_run_id: str | None = None,
-                 run_name: str | None = None, flush_seconds: float = FLUSH_SECONDS) -> None:
+    def __init__(self, params: Params, layout: Layout, fingerprint: dict[str, str],
+                 prefect_flow_run_id: str | None = None, run_name: str | None = None,
+                 flush_seconds: float = FLUSH_SECONDS,
+                 warn: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)) -> None:
         self.flush_seconds = flush_seconds
+        self.warn = warn
+        self.uri = tracking_uri(layout.root)
         self.run_id: str | None = None
-        self._buffer: list[tuple[int, int, dict[str, float], bool]] = []  # (iteration, ms stamp, metrics, samples)
+        self.synced = False
+        self._buffer: list[list] = []  # (iteration, ms stamp, metrics, samples)
         self._flushed = time.monotonic()
         self._sent = 0
         self._replies: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
         self._answered = 0
+        self._outage: str | None = None
         code_root = str(Path(__file__).resolve().parents[1])  # this checkout's flows/, wherever we run
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [code_root, os.environ.get("PYTHONPATH")]))}
         self.process = subprocess.Popen(
@@ -154,8 +272,14 @@ class Tracker:
              str(params.eval.samples_logged)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True, encoding="utf-8")
         threading.Thread(target=self._read_replies, name="mlflow-replies", daemon=True).start()
+        previous = read_record(layout)
+        if previous and previous.get("fingerprint") != fingerprint and not previous.get("synced", True):
+            # An earlier, different run whose record the store never completed: its iterations are
+            # still on disk, not for long (this run replaces them). Read them now, send them first.
+            self._send({"op": "catch_up", "record": previous, "entries": [
+                entry[:3] + [False] for entry in manifest_entries(layout, previous)]})
         self._send({"op": "start", "params": {k: str(v)[:6000] for k, v in flatten(params).items()},
-                    "prefect_flow_run_id": prefect_flow_run_id,
+                    "fingerprint": fingerprint, "prefect_flow_run_id": prefect_flow_run_id,
                     "name": run_name or os.environ.get("GRPO_RUN_NAME") or os.environ.get("DVC_EXP_NAME")})
 
     def _read_replies(self) -> None:
@@ -167,38 +291,39 @@ class Tracker:
         try:
             self.process.stdin.write(json.dumps(request) + "\n")
             self.process.stdin.flush()
-        except BrokenPipeError:
-            raise TrackingError(f"the MLflow tracking process exited (code {self.process.wait()})") from None
-        self._sent += 1
+            self._sent += 1
+        except (BrokenPipeError, ValueError):
+            self._note(f"the tracking process exited (code {self.process.poll()})")
 
-    def _collect(self, wait: bool) -> None:
-        """Take in the replies so far (with `wait`: all of them), raising the first error among them."""
-        errors = self._take_replies(wait)
-        if errors:
-            raise errors[0]
+    def _note(self, outage: str | None) -> None:
+        """Say once when logging stops (the store does not answer, mostly), and once when it resumes."""
+        if outage and not self._outage:
+            self.warn(f"MLflow: logging to {self.uri} paused ({outage}); training goes on, and what it logs "
+                      f"is kept until it can be written")
+        elif self._outage and not outage:
+            self.warn("MLflow: logging resumed; the iterations it missed are logged")
+        self._outage = outage
 
-    def _take_replies(self, wait: bool) -> list[TrackingError]:
-        errors = []
+    def _take_replies(self, wait: bool) -> None:
         while self._answered < self._sent:
             try:
                 reply = self._replies.get(block=wait)
             except queue.Empty:
-                break
+                return
             if reply is None:
                 self._replies.put(None)  # keep the end in view for later calls
-                errors.append(TrackingError(f"the MLflow tracking process exited (code {self.process.wait()})"))
-                break
+                self._note(f"the tracking process exited (code {self.process.wait()})")
+                return
             self._answered += 1
             self.run_id = reply.get("run_id", self.run_id)
-            if "error" in reply:
-                errors.append(TrackingError(f"MLflow: {reply['error']}"))
-        return errors
+            self.synced = reply.get("synced", self.synced)
+            for line in reply.get("notes", []):
+                self.warn(f"MLflow: {line}")
+            self._note(reply.get("outage"))
 
     def log_iteration(self, iteration: int, metrics: dict[str, Any], samples: bool = True) -> None:
         """Queue one iteration's metrics (and its sample completions) for the next flush."""
-        # TRL's metric names ("rewards/accuracy") are valid MLflow names as they are.
-        numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-        self._buffer.append((iteration, int(time.time() * 1000), numeric, samples))
+        self._buffer.append([iteration, int(time.time() * 1000), numeric(metrics), samples])
         if time.monotonic() - self._flushed >= self.flush_seconds:
             self.flush()
 
@@ -211,42 +336,51 @@ class Tracker:
         """Send everything buffered to the tracking process now."""
         self._send_buffer()
         self._flushed = time.monotonic()
-        self._collect(wait=False)
+        self._take_replies(wait=False)
 
     def wait(self) -> None:
-        """Return once MLflow holds everything sent so far (not what is still buffered here)."""
-        self._collect(wait=True)
+        """Return once the tracking process has answered everything sent so far."""
+        self._take_replies(wait=True)
 
     def finish(self, status: str = "FINISHED") -> None:
-        """Send what is buffered, close the run (with the policy, when it finished), and wait for it."""
-        errors: list[TrackingError] = []
-        try:
-            self._send_buffer()
-            # After an earlier failure, the worker closes the run as FAILED whatever `status` says.
-            self._send({"op": "finish", "status": status})
-        except TrackingError as error:  # the worker is gone: nothing more to send
-            errors.append(error)
-        with contextlib.suppress(BrokenPipeError):
+        """Send what is buffered, close the run (with the policy, when it finished), and wait for the
+        tracking process: it tries the store for `services_wait_seconds()` before leaving the rest to
+        `grpo sync`."""
+        # One request, so that a store that does not answer is tried once for both.
+        self._send({"op": "finish", "entries": self._buffer, "status": status,
+                    "wait_seconds": services_wait_seconds()})
+        self._buffer = []
+        with contextlib.suppress(BrokenPipeError, ValueError):
             self.process.stdin.close()
+        self._take_replies(wait=True)
         self.process.wait()
-        errors += self._take_replies(wait=True)
-        if errors and status == "FINISHED":
-            raise errors[0]
+        if not self.synced:
+            self.warn(f"MLflow: the run's record in {self.uri} is not complete ({self._outage or 'see above'}); "
+                      f"everything is on disk: `grpo sync` completes it when the store answers "
+                      f"(the next run in this directory does too)")
 
 
-def log_evaluation(layout: Layout, metrics: dict[str, float]) -> str | None:
-    """Add the held-out metrics to the training run that produced this policy."""
-    tracking = layout.runs / TRACKING_FILE
-    if not tracking.is_file():
-        return None
-    run_id = read_json(tracking)["mlflow_run_id"]
-    mlflow = _mlflow(layout.root)
-    client = mlflow.MlflowClient()
+def log_evaluation_metrics(client, run_id: str, metrics: dict[str, float]) -> None:
     from mlflow.entities import Metric
 
     stamp = int(pd.Timestamp.now().timestamp() * 1000)
     client.log_batch(run_id, metrics=[Metric(f"eval/{k}", float(v), stamp, 0) for k, v in metrics.items()])
-    return run_id
+
+
+def log_evaluation(layout: Layout, metrics: dict[str, float],
+                   warn: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)) -> str | None:
+    """Add the held-out metrics to the training run that produced this policy, if the store answers
+    (if not, `grpo sync` adds them from metrics/eval.json later)."""
+    record = read_record(layout)
+    if not record or not record.get("mlflow_run_id"):
+        return None
+    try:
+        log_evaluation_metrics(_mlflow(layout.root).MlflowClient(), record["mlflow_run_id"], metrics)
+    except Exception as error:  # the store is bookkeeping: the evaluation is in metrics/eval.json
+        warn(f"MLflow: the evaluation was not logged ({describe_outage(error)}); `grpo sync` logs it "
+             f"from metrics/eval.json when the store answers")
+        return None
+    return record["mlflow_run_id"]
 
 
 def sample_table(layout: Layout, iteration: int, count: int) -> pd.DataFrame:

@@ -17,27 +17,30 @@ iteration, so the run still reads iteration by iteration in the UI.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
+from prefect.states import Cancelled, State
 from prefect.utilities.annotations import quote
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from flows.tracking import Tracker
+from flows.outages import api_url, leave_without_api, record_unreported_end, report_earlier_end, wait_for_api
+from flows.signals import Interrupted, StopAtBoundary
+from flows.tracking import Tracker, services_wait_seconds
 from stages.advantage import advantage
 from stages.artifacts import Layout
 from stages.checkpoints import load_optimizer_state, prune
 from stages.config import Params
-from stages.errors import PipelineError
-from stages.manifest import (checkpoint_path, completed_iterations, read_manifest, resume_point,
-                             training_fingerprint, write_manifest)
+from stages.errors import PipelineError, StoppedError
+from stages.manifest import (checkpoint_path, completed_iterations, discard_after, read_manifest, recover_set_aside,
+                             redoing, resume_point, training_fingerprint, write_manifest)
 from stages.modeling import compile_forward, configure_threads, load_model, load_tokenizer, resolve_device, save_model
 from stages.report import write_training_metrics
 from stages.reward import reward
@@ -68,6 +71,33 @@ class QuietCompletedTasks(logging.Filter):
         return not (record.levelno == logging.INFO and record.getMessage().startswith("Finished in state"))
 
 
+class NoTracebackForUserErrors(logging.Filter):
+    """Prefect logs a failed task's and flow's exception with its traceback; for an error the user
+    can fix (a PipelineError, a stop they asked for), the one line naming the culprit is all there
+    is to say, in the console and in the UI. Other exceptions keep their traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], (PipelineError, Interrupted)):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+@contextmanager
+def readable_logs() -> Iterator[None]:
+    """Within (around a call of `train`, so that the flow's own end is covered): Prefect's run logs
+    without a completed task's line or a user error's traceback."""
+    filters = [(logging.getLogger("prefect.task_runs"), QuietCompletedTasks()),
+               (logging.getLogger("prefect.task_runs"), NoTracebackForUserErrors()),
+               (logging.getLogger("prefect.flow_runs"), NoTracebackForUserErrors())]
+    for logger, log_filter in filters:
+        logger.addFilter(log_filter)
+    try:
+        yield
+    finally:
+        for logger, log_filter in filters:
+            logger.removeFilter(log_filter)
+
+
 # Tasks hold models and optimizers: nothing to cache or persist, and results stay in memory.
 STAGE = dict(cache_policy=NO_CACHE, persist_result=False)
 
@@ -96,26 +126,21 @@ def update_task(params: Params, layout: Layout, iteration: int, state: TrainStat
 
 
 def run_iteration(params: Params, layout: Layout, iteration: int, state: TrainState,
-                  reference: PreTrainedModel | None) -> dict[str, Any]:
+                  reference: PreTrainedModel | None, stops: StopAtBoundary) -> dict[str, Any]:
     started = time.perf_counter()
     # quote(): Prefect otherwise walks every field of these objects on each task call, looking
     # for futures to resolve (~1 ms a task); they hold none, and arrive unwrapped.
     params, layout, state, reference = quote(params), quote(layout), quote(state), quote(reference)
     metrics: dict[str, Any] = {}
     metrics |= rollout_task(params, layout, iteration, state)
+    stops.check(f"rollout-{iteration:04d}")
     metrics |= reward_task(params, layout, iteration)
+    stops.check(f"reward-{iteration:04d}")
     metrics |= advantage_task(params, layout, iteration)
+    stops.check(f"advantage-{iteration:04d}")
     metrics |= update_task(params, layout, iteration, state, reference)
     metrics["seconds/iteration"] = time.perf_counter() - started
     return metrics
-
-
-def discard_after(layout: Layout, iteration: int) -> None:
-    """Iterations and checkpoints past the resume point are stale: remove them before redoing."""
-    for folder in (layout.runs / "iterations", layout.runs / "checkpoints"):
-        for path in folder.glob("[0-9]" * 4):
-            if int(path.name) > iteration:
-                shutil.rmtree(path)
 
 
 def load_train_state(params: Params, layout: Layout, start: int) -> TrainState:
@@ -136,24 +161,58 @@ def describe(metrics: dict[str, Any]) -> str:
 
 @flow(name="grpo-train", validate_parameters=False, persist_result=False)
 def train(params: Params, layout: Layout, run_name: str | None = None) -> dict[str, Any]:
-    task_logs, quiet = logging.getLogger("prefect.task_runs"), QuietCompletedTasks()
-    task_logs.addFilter(quiet)
+    """The GRPO loop. A SIGINT or SIGTERM stops it between two stages: the flow run ends
+    Cancelled (its MLflow run KILLED), and calling it raises the `StoppedError` saying so.
+    If the Prefect API is away when it ends, see `flows.outages`."""
     try:
-        return train_iterations(params, layout, run_name)
-    finally:
-        task_logs.removeFilter(quiet)
+        with StopAtBoundary() as stops:
+            outcome, done = train_iterations(params, layout, run_name, stops)
+    except StoppedError as stopped:
+        outcome, done = Cancelled(message=str(stopped), data=stopped), []
+    except Interrupted as interrupted:  # the second signal: stopped mid-stage
+        stopped = StoppedError(f"stopped at once by {interrupted}; the iteration it was in is redone by the same "
+                               f"command", interrupted.signal_number)
+        outcome, done = Cancelled(message=str(stopped), data=stopped), []
+    except BaseException as error:  # noqa: BLE001 - re-raised below, once the API is known to answer
+        outcome, done = error, []
+    end_without_api_if_away(layout, outcome)
+    if isinstance(outcome, BaseException):
+        raise outcome
+    if done:  # a blocking API call: only once the API is known to answer
+        create_table_artifact([{"iteration": m["iteration"], **{k: round(float(v), 4) for k, v in m["metrics"].items()}}
+                               for m in done], key="grpo-iterations", description="Metrics per GRPO iteration")
+    return outcome
 
 
-def train_iterations(params: Params, layout: Layout, run_name: str | None) -> dict[str, Any]:
+def end_without_api_if_away(layout: Layout, outcome: Any) -> None:
+    """Return if the Prefect API answers (now, or within `services_wait_seconds()`); otherwise keep
+    the run's end in runs/prefect.json and exit the process with its exit code (`flows.outages`)."""
+    url = api_url()
+    if url is None or wait_for_api(url, services_wait_seconds()):
+        return
+    if isinstance(outcome, State):  # Cancelled, carrying the StoppedError
+        state, message, code, line = "CANCELLED", outcome.message, 128 + outcome.data.signal_number, outcome.message
+    elif isinstance(outcome, BaseException):
+        line = str(outcome) if isinstance(outcome, PipelineError) else f"{type(outcome).__name__}: {outcome}"
+        state, message, code = "FAILED", line, 1
+    else:
+        state, message, code, line = "COMPLETED", "all iterations done; models/policy saved", 0, None
+    record_unreported_end(layout, url, flow_run.get_id(), state, message)
+    leave_without_api(url, line, code)
+
+
+def train_iterations(params: Params, layout: Layout, run_name: str | None,
+                     stops: StopAtBoundary) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The iterations from the resume point on: (train.json's summary, the done iterations' manifests)."""
     logger = get_run_logger()
     configure_threads(params)
+    recover_set_aside(layout)  # a run killed while redoing an iteration
     fingerprint = training_fingerprint(params, layout)
     done = completed_iterations(layout, fingerprint, params.grpo.iterations)
     start = resume_point(layout, done)
     done = done[:start]
     if start:
         logger.info("resuming after iteration %d (its outputs and checkpoint match this run)", start)
-    discard_after(layout, start)
     state = load_train_state(params, layout, start)
     reference = None
     if params.grpo.beta != 0.0:
@@ -164,28 +223,41 @@ def train_iterations(params: Params, layout: Layout, run_name: str | None) -> di
         for model in (state.model, reference):
             if model is not None:
                 compile_forward(model)
+    stops.check("loading the models")
 
-    tracker = Tracker(params, layout, prefect_flow_run_id=flow_run.get_id(), run_name=run_name)
+    try:
+        if earlier := report_earlier_end(layout):
+            logger.info("recorded the end of flow run %s (%s), which the Prefect API missed",
+                        earlier["flow_run_id"], earlier["state"])
+    except Exception as error:  # bookkeeping: say it and go on
+        logger.warning("could not record the end of an earlier flow run (runs/prefect.json): %s", error)
+    tracker = Tracker(params, layout, fingerprint, prefect_flow_run_id=flow_run.get_id(), run_name=run_name,
+                      warn=logger.warning)
     for manifest in done:  # a resumed run still shows the whole curve
         tracker.log_iteration(manifest["iteration"], manifest["metrics"], samples=False)
     try:
         for iteration in tqdm(range(start + 1, params.grpo.iterations + 1), desc="grpo", unit="iteration",
                               initial=start, total=params.grpo.iterations, disable=None):
             started_from = done[-1]["checkpoint"] if done else fingerprint["reference"]
-            metrics = run_iteration(params, layout, iteration, state, reference)
-            write_manifest(layout, iteration, fingerprint, started_from, metrics)
+            # Until this iteration's manifest is written, whatever its folders held before is kept aside.
+            with redoing(layout, iteration):
+                metrics = run_iteration(params, layout, iteration, state, reference, stops)
+                write_manifest(layout, iteration, fingerprint, started_from, metrics)
             done.append(read_manifest(layout, iteration))
-            prune(layout.runs / "checkpoints", params.checkpoints.keep_last)
+            prune(layout.runs / "checkpoints", params.checkpoints.keep_last, newest=iteration)
             summary = write_training_metrics(layout, done)
             tracker.log_iteration(iteration, metrics)
             logger.info("iteration %d/%d: %s", iteration, params.grpo.iterations, describe(summary))
+            if iteration < params.grpo.iterations:
+                stops.check(f"iteration {iteration}")
+        discard_after(layout, params.grpo.iterations)  # what an earlier, longer run left past this one's end
         save_model(state.model, state.tokenizer, layout.policy)
         summary = write_training_metrics(layout, done)
+    except (StoppedError, Interrupted):
+        tracker.finish("KILLED")
+        raise
     except BaseException:
         tracker.finish("FAILED")
         raise
     tracker.finish()
-    if done:
-        create_table_artifact([{"iteration": m["iteration"], **{k: round(float(v), 4) for k, v in m["metrics"].items()}}
-                               for m in done], key="grpo-iterations", description="Metrics per GRPO iteration")
-    return summary
+    return summary, done

@@ -50,12 +50,14 @@ TINY = [
 ]
 
 
-def start_prefect_server(env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+def start_prefect_server(env: dict[str, str], port: int | None = None) -> tuple[subprocess.Popen, str]:
     """A real `prefect server start` on 127.0.0.1, healthy: (its process, its API URL)."""
-    port = free_port()
+    port = port or free_port()
     api = f"http://127.0.0.1:{port}/api"
+    # Its own process group, so a test can kill it whole (it serves from a child process).
+    log = tempfile.NamedTemporaryFile("w", prefix=f"prefect-server-{port}-", suffix=".log", delete=False)
     server = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
-                               "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               "--port", str(port)], env=env, stdout=log, stderr=log, start_new_session=True)
     deadline = time.time() + 90
     while True:
         try:
@@ -64,7 +66,7 @@ def start_prefect_server(env: dict[str, str]) -> tuple[subprocess.Popen, str]:
         except OSError:
             if time.time() > deadline or server.poll() is not None:
                 server.kill()
-                raise RuntimeError("prefect server did not become healthy")
+                raise RuntimeError(f"prefect server did not become healthy: {Path(log.name).read_text()[-2000:]}")
             time.sleep(0.5)
 
 
@@ -76,7 +78,7 @@ def stop(process: subprocess.Popen) -> None:
         process.kill()
 
 
-def prepare_tiny_project(root: Path, iterations: int) -> Path:
+def prepare_tiny_project(root: Path, iterations: int, overrides: list[str] = ()) -> Path:
     """params.yaml (tiny, `iterations` GRPO iterations), prompts and reference model: what `train` starts from."""
     import yaml
 
@@ -86,7 +88,7 @@ def prepare_tiny_project(root: Path, iterations: int) -> Path:
     from stages.reference import reference
 
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for override in [*TINY, f"grpo.iterations={iterations}"]:
+    for override in [*TINY, f"grpo.iterations={iterations}", *overrides]:
         key, _, value = override.partition("=")
         set_key(raw, key, yaml.safe_load(value))
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -94,6 +96,35 @@ def prepare_tiny_project(root: Path, iterations: int) -> Path:
     prepare(params, Layout(root))
     reference(params, Layout(root))
     return root
+
+
+def without_timings(frame_or_dict):
+    """Wall-clock seconds are the one thing that differs between identical runs."""
+    import pandas as pd
+
+    if isinstance(frame_or_dict, pd.DataFrame):
+        return frame_or_dict[[c for c in frame_or_dict.columns if not c.startswith(("seconds/", "rollout/tokens"))]]
+    return {k: v for k, v in frame_or_dict.items() if not k.startswith(("seconds/", "rollout/tokens"))}
+
+
+def outcome(root: Path) -> dict:
+    """What a run leaves behind: final weights and the per-iteration metrics."""
+    import pandas as pd
+
+    from stages.artifacts import Layout, file_digest
+
+    layout = Layout(root)
+    return {"policy": file_digest(layout.policy / "model.safetensors"),
+            "iterations.csv": without_timings(pd.read_csv(layout.metrics / "iterations.csv")).to_dict("list")}
+
+
+def clean_env(state: Path) -> dict[str, str]:
+    """This environment without the session's Prefect/MLflow settings, with homes under `state`."""
+    state.mkdir(parents=True, exist_ok=True)
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "PYTEST_"))}
+    environment.update({"PREFECT_HOME": str(state / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                        "MLFLOW_TRACKING_URI": f"sqlite:///{state / 'mlflow.db'}", "DO_NOT_TRACK": "1"})
+    return environment
 
 
 @pytest.fixture

@@ -254,6 +254,14 @@ def test_a_failing_stage_fails_the_run_and_names_the_stage(repo, prefect_server)
     assert "stage 'prepare' failed" in run.state.message or "stage 'prepare' failed" in str(run.state.result(raise_on_failure=False))
 
 
+def test_a_bad_override_fails_the_run_in_one_line_before_dvc_starts(repo, prefect_server, env):
+    api, _, _ = prefect_server
+    run = _trigger(api, {"overrides": {"grpo.beta": -0.1}, "run_name": "negative-beta"})
+    assert run.state.is_failed()
+    assert "params: grpo.beta: Input should be greater than or equal to 0" in run.state.message
+    assert "negative-beta" not in _run(["dvc", "exp", "list", "--name-only"], repo, env).stdout
+
+
 def test_compare_shows_the_differing_param_and_writes_curves(repo, prefect_server, env):
     _, runs = _mlflow_runs(repo)
     assert len(runs) >= 2
@@ -285,8 +293,8 @@ def test_killing_the_worker_fails_the_run_and_names_the_running_stage(repo, pref
     assert "stage 'train' failed" in final.state.message and "worker" in final.state.message
     # The stage was stopped, not left running unsupervised, and nothing claims to be done.
     train = _read_flow_run(api, train.id)
-    assert train.state.is_final() and not train.state.is_completed(), train.state
+    assert train.state.is_cancelled(), train.state  # SIGTERM: stopped between two stages
     assert "worker-killed" not in _run(["dvc", "exp", "list", "--name-only"], repo, env).stdout
     client, runs = _mlflow_runs(repo)
     (mlflow_run,) = [r for r in runs if r.info.run_name == "worker-killed"]
-    assert client.get_run(mlflow_run.info.run_id).info.status == "FAILED"
+    assert client.get_run(mlflow_run.info.run_id).info.status == "KILLED"  # stopped by SIGTERM, between stages

@@ -3,7 +3,8 @@ ends exactly where an uninterrupted run does; two runs are bit-identical; damage
 from an earlier run are detected by digest and redone, never trusted.
 
 Every run here is the real `grpo train` command in its own process (Prefect flow reporting
-to a real server, MLflow tracking), on the tiny config with four iterations.
+to a real server, MLflow tracking), with four iterations, on two threads and a model wide
+enough for torch to run its kernels on both (PARALLEL).
 """
 
 from __future__ import annotations
@@ -11,26 +12,31 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from conftest import ROOT, prepare_tiny_project, start_prefect_server, stop
+from conftest import ROOT, clean_env, outcome, prepare_tiny_project, start_prefect_server, stop, without_timings
 from stages.artifacts import Layout, file_digest
 
 ITERATIONS = 4
 HERE = Path(__file__).resolve().parent
+# Where torch splits kernels over two threads: the default width, and minibatches of 32 shuffled
+# completions, so each layer's shared-prompt keys (~60,000 elements) pass torch's 32,768-element
+# grain. On the suite's usual one-layer, 32-wide model every kernel ran on one thread, and two
+# threads' rounding differences went unseen (see test_generation's bit-identity test).
+PARALLEL = ["threads=2", "model.tiny.hidden_size=128", "model.tiny.num_heads=4", "model.tiny.intermediate_size=256",
+            "rollout.prompts_per_iteration=8", "rollout.group_size=8", "grpo.minibatch_size=32"]
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    state = tmp_path_factory.mktemp("state")
-    environment = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "PYTEST_"))}
-    environment.update({"PREFECT_HOME": str(state / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                        "MLFLOW_TRACKING_URI": f"sqlite:///{state / 'mlflow.db'}", "DO_NOT_TRACK": "1"})
+    environment = clean_env(tmp_path_factory.mktemp("state"))
     # One server for all runs: a killed process cannot stop a temporary server of its own.
     server, api = start_prefect_server(environment)
     yield {**environment, "PREFECT_API_URL": api}
@@ -40,7 +46,7 @@ def env(tmp_path_factory):
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """Prompts, reference model and params.yaml: what `train` starts from."""
-    return prepare_tiny_project(tmp_path_factory.mktemp("prepared"), ITERATIONS)
+    return prepare_tiny_project(tmp_path_factory.mktemp("prepared"), ITERATIONS, PARALLEL)
 
 
 def workspace(prepared: Path, tmp_path: Path, name: str) -> Path:
@@ -54,20 +60,6 @@ def train(root: Path, env: dict[str, str], kill_at: tuple[str, int] | None = Non
     prefix = [sys.executable, str(HERE / "kill_at.py"), kill_at[0], str(kill_at[1])] if kill_at else \
         [sys.executable, "-m", "flows.cli"]
     return subprocess.run(prefix + command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-
-
-def without_timings(frame_or_dict):
-    """Wall-clock seconds are the one thing that differs between identical runs."""
-    if isinstance(frame_or_dict, pd.DataFrame):
-        return frame_or_dict[[c for c in frame_or_dict.columns if not c.startswith(("seconds/", "rollout/tokens"))]]
-    return {k: v for k, v in frame_or_dict.items() if not k.startswith(("seconds/", "rollout/tokens"))}
-
-
-def outcome(root: Path) -> dict:
-    """What a run leaves behind: final weights and the per-iteration metrics."""
-    layout = Layout(root)
-    return {"policy": file_digest(layout.policy / "model.safetensors"),
-            "iterations.csv": without_timings(pd.read_csv(layout.metrics / "iterations.csv")).to_dict("list")}
 
 
 def artefacts_so_far(root: Path) -> dict:
@@ -158,11 +150,18 @@ def test_damaged_artefacts_are_detected_by_digest_and_redone(damage, target, red
 
 
 
-def test_a_killed_compiled_run_resumes_after_its_last_done_iteration(prepared, env, tmp_path):
+@pytest.fixture(scope="module")
+def prepared_one_thread_shape(tmp_path_factory):
+    """The suite's usual tiny shape: compiling is most of the compiled test's time, and a wider
+    model compiles longer (104 -> 147 s) to show nothing more (compiled runs are not bit-reproducible)."""
+    return prepare_tiny_project(tmp_path_factory.mktemp("prepared-tiny"), ITERATIONS)
+
+
+def test_a_killed_compiled_run_resumes_after_its_last_done_iteration(prepared_one_thread_shape, env, tmp_path):
     """`compile: true` resumes as an eager run does: the done iterations are kept untouched and
     the run finishes. Compiled runs are reproducible in distribution, not bit for bit: inductor
     picks its kernels by the shapes it sees first, so two compiled runs can round differently."""
-    root = workspace(prepared, tmp_path, "compiled")
+    root = workspace(prepared_one_thread_shape, tmp_path, "compiled")
     params = root / "params.yaml"
     params.write_text(params.read_text().replace("compile: false", "compile: true"))
     killed = train(root, env, kill_at=("update", 3))
@@ -176,3 +175,36 @@ def test_a_killed_compiled_run_resumes_after_its_last_done_iteration(prepared, e
     assert "resuming after iteration 2" in resumed.stdout + resumed.stderr
     assert {k: v for k, v in artefacts(root).items() if k in done} == done
     assert len(pd.read_csv(Layout(root).metrics / "iterations.csv")) == ITERATIONS
+
+
+def test_a_run_killed_under_dvc_repro_resumes_to_the_uninterrupted_weights(uninterrupted, env, tmp_path):
+    """The same params through `dvc repro` in a git + DVC project: prepare and reference redone
+    there (they are reproducible too), the train stage's process SIGKILLed after iteration 2 (its
+    pid is in runs/.lock), then `dvc repro` again."""
+    repo = tmp_path / "repo"
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        if not name.startswith("tests/"):
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, repo / name)
+    shutil.copy2(uninterrupted / "params.yaml", repo / "params.yaml")
+    dvc_env = {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
+               "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t",
+               "GIT_COMMITTER_EMAIL": "t@example.com"}
+    for command in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-q", "-m", "p"]):
+        subprocess.run(command, cwd=repo, env=dvc_env, check=True, capture_output=True)
+
+    dvc = subprocess.Popen(["dvc", "repro"], cwd=repo, env=dvc_env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    manifest = Layout(repo).iteration(2) / "manifest.json"
+    deadline = time.monotonic() + 300
+    while not manifest.is_file():
+        assert dvc.poll() is None and time.monotonic() < deadline, "dvc repro ended before iteration 2"
+        time.sleep(0.05)
+    os.kill(json.loads((repo / "runs" / ".lock").read_text())["pid"], signal.SIGKILL)
+    assert dvc.wait(timeout=120) != 0
+
+    resumed = subprocess.run(["dvc", "repro"], cwd=repo, env=dvc_env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert "resuming after iteration" in resumed.stderr
+    assert outcome(repo)["policy"] == outcome(uninterrupted)["policy"]

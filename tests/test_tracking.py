@@ -1,8 +1,12 @@
-"""MLflow tracking of a training run, against a real sqlite store: what reaches MLflow, and when."""
+"""MLflow tracking of a training run, against a real sqlite store: what reaches MLflow, and when,
+and that a store that is locked or away delays the record without stopping training or losing
+or doubling anything."""
 
 from __future__ import annotations
 
 import json
+import sqlite3
+import time
 
 import pandas as pd
 import pytest
@@ -35,6 +39,7 @@ def write_iteration(layout: Layout, iteration: int) -> None:
     pd.DataFrame({**keys, "accuracy": [1.0, 0.0, 1.0, 1.0], "reward": [1.2, 0.2, 1.2, 1.2]}).to_parquet(
         folder / "rewards.parquet")
     pd.DataFrame({**keys, "advantage": [0.7, -0.7, 0.0, 0.0]}).to_parquet(folder / "advantages.parquet")
+    (folder / "update.json").write_text("{}")
 
 
 def metrics_of(iteration: int, count: int = 3) -> dict[str, float]:
@@ -46,13 +51,24 @@ def run_of(client, experiment):
     return run
 
 
-def test_buffered_iterations_all_reach_mlflow_at_finish_with_their_steps(tmp_path, store):
+FINGERPRINT = {"params": "p", "reference": "r", "train_prompts": "t"}
+
+
+def tracker_for(tmp_path, flush_seconds, overrides=(), warn=None, **kwargs):
     from flows.tracking import Tracker
 
+    return Tracker(load_params(ROOT / "params.yaml", list(overrides)), Layout(tmp_path), FINGERPRINT,
+                   flush_seconds=flush_seconds, **({"warn": warn} if warn else {}), **kwargs)
+
+
+def steps_of(client, run, key="metric/0"):
+    return sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
+
+
+def test_buffered_iterations_all_reach_mlflow_at_finish_with_their_steps(tmp_path, store):
     client, experiment = store
-    params = load_params(ROOT / "params.yaml", ["eval.samples_logged=3"])
     layout = Layout(tmp_path)
-    tracker = Tracker(params, layout, run_name="buffered", flush_seconds=3600)
+    tracker = tracker_for(tmp_path, 3600, ["eval.samples_logged=3"], run_name="buffered")
     for iteration in (1, 2):
         write_iteration(layout, iteration)
         tracker.log_iteration(iteration, {**metrics_of(iteration), "note": "not a number"})
@@ -73,10 +89,8 @@ def test_buffered_iterations_all_reach_mlflow_at_finish_with_their_steps(tmp_pat
 
 
 def test_a_zero_flush_interval_sends_each_iteration_as_it_is_logged(tmp_path, store):
-    from flows.tracking import Tracker
-
     client, experiment = store
-    tracker = Tracker(load_params(ROOT / "params.yaml"), Layout(tmp_path), flush_seconds=0)
+    tracker = tracker_for(tmp_path, 0)
     tracker.log_iteration(1, metrics_of(1), samples=False)
     tracker.wait()
     run = run_of(client, experiment)
@@ -85,10 +99,10 @@ def test_a_zero_flush_interval_sends_each_iteration_as_it_is_logged(tmp_path, st
 
 
 def test_more_metrics_than_one_mlflow_call_takes_are_split_and_all_logged(tmp_path, store):
-    from flows.tracking import MAX_METRICS_PER_CALL, Tracker
+    from flows.tracking import MAX_METRICS_PER_CALL
 
     client, experiment = store
-    tracker = Tracker(load_params(ROOT / "params.yaml"), Layout(tmp_path), flush_seconds=3600)
+    tracker = tracker_for(tmp_path, 3600)
     iterations = MAX_METRICS_PER_CALL // 20 + 5  # 20 metrics each: more than one call's worth
     for iteration in range(1, iterations + 1):  # as a resumed run re-logs its done iterations
         tracker.log_iteration(iteration, metrics_of(iteration, count=20), samples=False)
@@ -97,16 +111,95 @@ def test_more_metrics_than_one_mlflow_call_takes_are_split_and_all_logged(tmp_pa
     assert len(client.get_metric_history(run.info.run_id, "metric/19")) == iterations
 
 
-def test_a_failed_store_call_is_raised_on_a_later_call_and_the_run_closes_failed(tmp_path, store):
-    from flows.tracking import Tracker, TrackingError
+def test_an_iteration_whose_files_are_gone_loses_only_its_samples(tmp_path, store):
+    client, experiment = store
+    warnings = []
+    tracker = tracker_for(tmp_path, 0, warn=warnings.append)
+    tracker.log_iteration(1, metrics_of(1))  # its sample table's parquet files do not exist
+    tracker.finish()
+    run = run_of(client, experiment)
+    assert run.info.status == "FINISHED" and steps_of(client, run) == [1]
+    assert client.list_artifacts(run.info.run_id, "samples") == []
+    assert any("no sample table for iteration 1: FileNotFoundError" in line for line in warnings)
+
+
+def test_a_locked_store_delays_the_record_but_not_training_and_nothing_is_logged_twice(tmp_path, store):
+    """As when `mlflow ui` or another run holds the sqlite database: MLflow gives up after 20 s."""
+    client, experiment = store
+    layout, warnings = Layout(tmp_path), []
+    tracker = tracker_for(tmp_path, 0, warn=warnings.append)
+    tracker.wait()  # the run exists
+    holder = sqlite3.connect(tmp_path / "mlflow.db", isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    for iteration in (1, 2, 3):
+        write_iteration(layout, iteration)
+        started = time.monotonic()
+        tracker.log_iteration(iteration, metrics_of(iteration))
+        assert time.monotonic() - started < 1.0  # training never waits for the store
+    deadline = time.monotonic() + 60
+    while not any("logging to" in line and "paused" in line for line in warnings) and time.monotonic() < deadline:
+        tracker.flush()
+        time.sleep(0.5)
+    assert any("paused" in line and "database is locked" in line for line in warnings), warnings
+    holder.execute("COMMIT")
+    holder.close()
+    write_iteration(layout, 4)
+    tracker.log_iteration(4, metrics_of(4))
+    tracker.finish()
+    run = run_of(client, experiment)
+    assert run.info.status == "FINISHED"
+    assert steps_of(client, run) == [1, 2, 3, 4]  # each once
+    assert len(client.list_artifacts(run.info.run_id, "samples")) == 4
+    assert any("logging resumed" in line for line in warnings)
+
+
+def test_a_resumed_run_continues_its_mlflow_run_and_logs_nothing_twice(tmp_path, store):
+    client, experiment = store
+    first = tracker_for(tmp_path, 3600)
+    for iteration in (1, 2):
+        first.log_iteration(iteration, metrics_of(iteration), samples=False)
+    first.finish("KILLED")
+    again = tracker_for(tmp_path, 3600)  # same params and fingerprint: the same training run
+    for iteration in (1, 2, 3):  # as train() re-logs the done iterations, then goes on
+        again.log_iteration(iteration, metrics_of(iteration), samples=False)
+    again.finish()
+    run = run_of(client, experiment)  # one run, not two
+    assert run.info.status == "FINISHED" and steps_of(client, run) == [1, 2, 3]
+
+
+def test_a_store_away_at_the_end_is_completed_by_grpo_sync_from_the_manifests(tmp_path, store, monkeypatch):
+    """The record a finished run could not write is rebuilt from runs/: manifests, samples, the end."""
+    from flows.cli import sync_step
+    from stages.manifest import write_manifest
 
     client, experiment = store
-    tracker = Tracker(load_params(ROOT / "params.yaml"), Layout(tmp_path), flush_seconds=0)
-    tracker.log_iteration(1, metrics_of(1))  # its sample table's parquet files do not exist
-    with pytest.raises(TrackingError, match=r"rollouts\.parquet"):
-        tracker.wait()
-    tracker.finish()  # as the flow does after a failure: the tracking process records it as FAILED
-    assert run_of(client, experiment).info.status == "FAILED"
+    monkeypatch.setenv("GRPO_SERVICES_WAIT_SECONDS", "0")
+    layout, warnings = Layout(tmp_path), []
+    tracker = tracker_for(tmp_path, 3600, warn=warnings.append)
+    tracker.wait()
+    holder = sqlite3.connect(tmp_path / "mlflow.db", isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # from here to the end of the run
+    for iteration in (1, 2):
+        write_iteration(layout, iteration)
+        layout.checkpoint(iteration).mkdir(parents=True)
+        write_manifest(layout, iteration, FINGERPRINT,
+                       "r" if iteration == 1 else json.loads((layout.iteration(1) / "manifest.json").read_text())[
+                           "checkpoint"], metrics_of(iteration))
+        tracker.log_iteration(iteration, metrics_of(iteration))
+    tracker.finish()
+    assert any("grpo sync" in line for line in warnings)
+    holder.execute("COMMIT")
+    holder.close()
+    assert steps_of(client, run_of(client, experiment)) == []
+
+    params = load_params(ROOT / "params.yaml")
+    synced = sync_step(params, layout)
+    assert synced["iterations_in_mlflow"] == 2
+    sync_step(params, layout)  # again: nothing twice
+    run = run_of(client, experiment)
+    assert run.info.status == "FINISHED" and steps_of(client, run) == [1, 2]
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "metric/1")] in ([1.1, 2.1], [2.1, 1.1])
+    assert len(client.list_artifacts(run.info.run_id, "samples")) == 2
 
 
 KILLED_MIDWAY = """
@@ -115,7 +208,8 @@ from pathlib import Path
 from flows.tracking import Tracker
 from stages.artifacts import Layout
 from stages.config import load_params
-tracker = Tracker(load_params(sys.argv[1]), Layout(Path(sys.argv[2])), run_name="killed", flush_seconds=0)
+fingerprint = {"params": "p", "reference": "r", "train_prompts": "t"}
+tracker = Tracker(load_params(sys.argv[1]), Layout(Path(sys.argv[2])), fingerprint, run_name="killed", flush_seconds=0)
 tracker.log_iteration(1, {"reward": 0.5}, samples=False)
 tracker.wait()
 os.kill(os.getpid(), signal.SIGKILL)  # no finish(): the training process dies as a SIGKILL leaves it
