@@ -96,10 +96,12 @@ def score_rollouts(rollouts: pd.DataFrame, cfg: RewardConfig, group_size: int | 
     check_groups(rollouts, group_size, where)
     rewards = rollouts[["prompt_id", "sample"]].copy()
     total = np.zeros(len(rollouts))
-    for name in resolve(cfg.weights, cfg.custom):
-        rewards[name] = scoring_process(cfg.custom).score(name, cfg.weights, cfg.custom, rollouts, cfg.target_language,
-                                                cfg.timeout_seconds)
-        total += cfg.weights[name] * np.nan_to_num(rewards[name].to_numpy(), nan=0.0)  # abstain adds 0
+    resolve(cfg.weights, cfg.custom)  # here too: a reward that no longer imports is named before any scoring
+    scores = scoring_process(cfg.custom).score(cfg.weights, cfg.custom, rollouts, cfg.target_language,
+                                               cfg.timeout_seconds)
+    for name, values in scores.items():
+        rewards[name] = values
+        total += cfg.weights[name] * np.nan_to_num(values, nan=0.0)  # abstain adds 0
     rewards["reward"] = total
     return rewards
 

@@ -54,7 +54,7 @@ def _key(custom: list[str]) -> tuple:
 
 
 class ScoringProcess:
-    """The trainer's end: one scoring process, one call at a time."""
+    """The trainer's end: one scoring process, one iteration's rewards at a time."""
 
     def __init__(self, custom: list[str]) -> None:
         # The user's reward modules must import there as they do here (`python -m` puts the
@@ -62,21 +62,30 @@ class ScoringProcess:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         self.key = _key(custom)
         self.process = subprocess.Popen([sys.executable, "-m", "stages.scoring", *custom], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, env=env, text=True, encoding="utf-8",
-                                        preexec_fn=_die_with_parent)
+                                        stdout=subprocess.PIPE, env=env, preexec_fn=_die_with_parent)
+        self._received = b""
         # It imports math-verify and the user's modules before it says it is ready: that time
         # is not a reward's, and must not count against reward.timeout_seconds.
-        if not self._readable(STARTUP_SECONDS) or json.loads(self.process.stdout.readline() or "{}") != {"ready": True}:
+        if json.loads(self._line(STARTUP_SECONDS) or b"{}") != {"ready": True}:
             self.stop()
             raise RewardError(f"the reward scoring process did not start within {STARTUP_SECONDS} s "
                               f"(exit code {self.process.returncode}); see the lines above")
 
-    def _readable(self, seconds: float) -> bool:
+    def _line(self, seconds: float) -> bytes | None:
+        """The next reply line; None past the deadline; b"" if the process ended."""
         deadline = time.monotonic() + seconds
-        ready: list = []
-        while not ready and time.monotonic() < deadline:  # select again if a signal woke it early
-            ready, _, _ = select.select([self.process.stdout], [], [], max(0.0, deadline - time.monotonic()))
-        return bool(ready)
+        while b"\n" not in self._received:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([self.process.stdout], [], [], remaining)[0]:
+                if time.monotonic() >= deadline:
+                    return None
+                continue  # a signal woke select early
+            chunk = os.read(self.process.stdout.fileno(), 1 << 16)
+            if not chunk:
+                return b""
+            self._received += chunk
+        line, self._received = self._received.split(b"\n", 1)
+        return line
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -86,26 +95,32 @@ class ScoringProcess:
             self.process.kill()
         self.process.wait()
 
-    def score(self, name: str, weights: dict[str, float], custom: list[str], rollouts: pd.DataFrame,
-              target_language: str, timeout: float) -> np.ndarray:
-        """`score_component` of the named reward, run there; its RewardError raised here."""
-        request = {"name": name, "weights": weights, "custom": custom, "target_language": target_language,
+    def score(self, weights: dict[str, float], custom: list[str], rollouts: pd.DataFrame, target_language: str,
+              timeout: float) -> dict[str, np.ndarray]:
+        """`score_component` of every weighted reward, run there in order, each within `timeout`;
+        one request for all (the completions are sent once), one reply per reward."""
+        names = list(weights)
+        request = {"names": names, "weights": weights, "custom": custom, "target_language": target_language,
                    "columns": {column: rollouts[column].tolist() for column in COLUMNS}}
-        self.process.stdin.write(json.dumps(request, default=_plain) + "\n")
+        self.process.stdin.write(json.dumps(request, default=_plain).encode() + b"\n")
         self.process.stdin.flush()
-        if not self._readable(timeout):
-            self.stop()
-            raise RewardError(f"reward {name!r} did not return within reward.timeout_seconds={timeout:g} on the "
-                              f"{len(rollouts)} completions of {_prompt_ids(rollouts)}; it was stopped")
-        line = self.process.stdout.readline()
-        if not line:
-            code = self.process.wait()
-            raise RewardError(f"reward {name!r} ended its scoring process (exit code {code}) on the "
-                              f"{len(rollouts)} completions of {_prompt_ids(rollouts)}")
-        reply = json.loads(line)
-        if "error" in reply:
-            raise RewardError(reply["error"])
-        return np.array([math.nan if v is None else v for v in reply["values"]], dtype=float)
+        scores = {}
+        for name in names:
+            line = self._line(timeout)
+            if line is None:
+                self.stop()
+                raise RewardError(f"reward {name!r} did not return within reward.timeout_seconds={timeout:g} on the "
+                                  f"{len(rollouts)} completions of {_prompt_ids(rollouts)}; it was stopped")
+            if not line:
+                code = self.process.wait()
+                raise RewardError(f"reward {name!r} ended its scoring process (exit code {code}) on the "
+                                  f"{len(rollouts)} completions of {_prompt_ids(rollouts)}")
+            reply = json.loads(line)
+            if "error" in reply:
+                self.stop()  # it may still be scoring the rewards after this one: start afresh next time
+                raise RewardError(reply["error"])
+            scores[name] = np.array([math.nan if v is None else v for v in reply["values"]], dtype=float)
+        return scores
 
 
 def _plain(value: Any) -> Any:
@@ -136,16 +151,19 @@ def serve(requests, replies) -> None:
 
     for line in requests:
         request = json.loads(line)
-        try:
-            functions = resolve(request["weights"], request["custom"])
-            values = score_component(request["name"], functions[request["name"]], pd.DataFrame(request["columns"]),
-                                     request["target_language"])
-            reply = {"values": [None if math.isnan(v) else float(v) for v in values]}
-        except RewardError as error:
-            reply = {"error": str(error)}
-        except Exception as error:  # importing the user's module: refused at params load already, but said here too
-            reply = {"error": f"reward {request['name']!r}: {type(error).__name__}: {one_line(error)}"}
-        print(json.dumps(reply), file=replies, flush=True)
+        columns = pd.DataFrame(request["columns"])
+        for name in request["names"]:  # each answered as soon as it is scored: its own deadline
+            try:
+                functions = resolve(request["weights"], request["custom"])
+                values = score_component(name, functions[name], columns, request["target_language"])
+                reply = {"values": [None if math.isnan(v) else float(v) for v in values]}
+            except RewardError as error:
+                reply = {"error": str(error)}
+            except Exception as error:  # importing the user's module: refused at params load already
+                reply = {"error": f"reward {name!r}: {type(error).__name__}: {one_line(error)}"}
+            print(json.dumps(reply), file=replies, flush=True)
+            if "error" in reply:
+                break  # the trainer stops at the first error
 
 
 def warm_up(custom: list[str]) -> None:
