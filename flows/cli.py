@@ -98,40 +98,19 @@ def check_api_answers() -> None:
 
 
 def sync_step(params: Params, layout: Layout) -> Any:
-    """What the bookkeeping services missed while they were away, from what is on disk."""
-    from flows.tracking import MlflowRecord, describe_outage, manifest_entries, read_record, tracking_uri
+    """What the bookkeeping services missed while they were away, written from what is on disk."""
+    from flows.outages import PENDING_FILE, report_earlier_end
+    from flows.server import prefect_api
+    from flows.tracking import complete_record
 
-    synced: dict[str, Any] = {}
-    record = read_record(layout)
-    if record:
-        if record["tracking_uri"] != tracking_uri(layout.root):
-            raise ServiceError(f"runs/tracking.json: the run is recorded in the MLflow store {record['tracking_uri']}, "
-                               f"but MLFLOW_TRACKING_URI points at {tracking_uri(layout.root)}: set it to the former")
-        mlflow_record = MlflowRecord(layout.root, params.eval.samples_logged, record)
-        mlflow_record.add(manifest_entries(layout, record))
-        try:
-            mlflow_record.sync()
-        except Exception as error:  # the store is away (still): nothing was lost, try again later
-            raise ServiceError(f"MLflow: the store at {record['tracking_uri']} does not answer "
-                               f"({describe_outage(error)}); nothing was lost: run `grpo sync` again later") from None
-        synced |= {"mlflow_run_id": mlflow_record.record["mlflow_run_id"], "mlflow_status": record["status"],
-                   "iterations_in_mlflow": len(mlflow_record.in_store)}
-    from flows.outages import PENDING_FILE
-
+    synced = complete_record(layout, params.eval.samples_logged)
     if (layout.runs / PENDING_FILE).is_file():
-        from flows.outages import report_earlier_end
-        from flows.server import prefect_api
-
         with prefect_api() as server_ready:
             server_ready()
             check_api_answers()
-            try:
-                pending = report_earlier_end(layout)
-            except Exception as error:
-                raise ServiceError(f"Prefect: could not record the end of the flow run in runs/{PENDING_FILE}: "
-                                   f"{type(error).__name__}: {error}") from None
+            pending = report_earlier_end(layout)
         synced |= {"prefect_flow_run_id": pending["flow_run_id"], "prefect_state": pending["state"]}
-    return synced
+    return synced or {"synced": "nothing on record in runs/"}
 
 
 def evaluate_step(params: Params, layout: Layout) -> Any:

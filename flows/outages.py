@@ -28,6 +28,7 @@ from typing import Any
 import httpx
 
 from stages.artifacts import Layout, read_json, write_json
+from stages.errors import ServiceError
 
 PENDING_FILE = "prefect.json"  # under runs/: a flow run's end that the API did not receive
 
@@ -82,8 +83,12 @@ def report_earlier_end(layout: Layout) -> dict[str, Any] | None:
     from prefect.states import State
 
     message = f"{pending['message']} (recorded later: the API did not answer when the run ended, {pending['ended_at']})"
-    with get_client(sync_client=True) as client:
-        client.set_flow_run_state(pending["flow_run_id"], State(type=StateType[pending["state"]], message=message),
-                                  force=True)
+    try:
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(pending["flow_run_id"], State(type=StateType[pending["state"]], message=message),
+                                      force=True)
+    except Exception as error:  # not on this API (another server?), or it went away again: keep the file
+        raise ServiceError(f"Prefect: could not record the end of flow run {pending['flow_run_id']} "
+                           f"(runs/{PENDING_FILE}) at {api_url()}: {type(error).__name__}: {error}") from None
     path.unlink()
     return pending

@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from flows.paths import project_root
 from stages.artifacts import Layout, read_json, write_json
 from stages.config import Params, flatten
-from stages.errors import DiskFullError
+from stages.errors import DiskFullError, ServiceError
 from stages.manifest import completed_iterations
 
 EXPERIMENT = os.environ.get("GRPO_MLFLOW_EXPERIMENT", "grpo")
@@ -106,6 +106,16 @@ def manifest_entries(layout: Layout, record: dict[str, Any]) -> list[list]:
     return entries
 
 
+def mlflow_params(params: Params) -> dict[str, str]:
+    return {k: str(v)[:6000] for k, v in flatten(params).items()}  # MLflow's limit for a param value
+
+
+def continues(record: dict[str, Any], uri: str, params: dict[str, str], fingerprint: dict[str, str]) -> bool:
+    """Whether a run with these params continues the MLflow run on record (a resume) rather than starting one."""
+    return bool(record.get("mlflow_run_id") and record.get("tracking_uri") == uri
+                and record.get("params") == params and record.get("fingerprint") == fingerprint)
+
+
 def numeric(metrics: dict[str, Any]) -> dict[str, float]:
     # TRL's metric names ("rewards/accuracy") are valid MLflow names as they are.
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
@@ -133,8 +143,7 @@ class MlflowRecord:
         """A new run, or the continuation (a resume) of the one on record when its params are the same."""
         uri = tracking_uri(self.layout.root)
         previous = read_record(self.layout) or {}
-        same = (previous.get("mlflow_run_id") and previous.get("tracking_uri") == uri
-                and previous.get("params") == params and previous.get("fingerprint") == fingerprint)
+        same = continues(previous, uri, params, fingerprint)
         self.record = {
             "mlflow_run_id": previous["mlflow_run_id"] if same else None,
             "tracking_uri": uri, "experiment": EXPERIMENT,
@@ -184,11 +193,12 @@ class MlflowRecord:
             if self.record["status"] == "RUNNING" and client.get_run(run_id).info.status != "RUNNING":
                 client.update_run(run_id, status="RUNNING")
         self._log_iterations(client, run_id)
+        if self.record["status"] == "FINISHED":
+            self._log_evaluation(client, run_id)  # evaluate may have found the store away, after the run's end
         if self.record["status"] != "RUNNING" and not self.record["synced"]:
-            if self.record["status"] == "FINISHED":
-                self._log_evaluation(client, run_id)
-                if self.layout.policy.is_dir() and not client.list_artifacts(run_id, "policy"):
-                    client.log_artifacts(run_id, str(self.layout.policy), artifact_path="policy")
+            if self.record["status"] == "FINISHED" and self.layout.policy.is_dir() \
+                    and not client.list_artifacts(run_id, "policy"):
+                client.log_artifacts(run_id, str(self.layout.policy), artifact_path="policy")
             client.set_terminated(run_id, status=self.record["status"])
             self.record["synced"] = True
             self.save()
@@ -272,13 +282,14 @@ class Tracker:
              str(params.eval.samples_logged)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True, encoding="utf-8")
         threading.Thread(target=self._read_replies, name="mlflow-replies", daemon=True).start()
-        previous = read_record(layout)
-        if previous and previous.get("fingerprint") != fingerprint and not previous.get("synced", True):
+        previous, logged_params = read_record(layout), mlflow_params(params)
+        if (previous and not previous.get("synced", True)
+                and not continues(previous, self.uri, logged_params, fingerprint)):
             # An earlier, different run whose record the store never completed: its iterations are
             # still on disk, not for long (this run replaces them). Read them now, send them first.
             self._send({"op": "catch_up", "record": previous, "entries": [
                 entry[:3] + [False] for entry in manifest_entries(layout, previous)]})
-        self._send({"op": "start", "params": {k: str(v)[:6000] for k, v in flatten(params).items()},
+        self._send({"op": "start", "params": logged_params,
                     "fingerprint": fingerprint, "prefect_flow_run_id": prefect_flow_run_id,
                     "name": run_name or os.environ.get("GRPO_RUN_NAME") or os.environ.get("DVC_EXP_NAME")})
 
@@ -358,6 +369,27 @@ class Tracker:
             self.warn(f"MLflow: the run's record in {self.uri} is not complete ({self._outage or 'see above'}); "
                       f"everything is on disk: `grpo sync` completes it when the store answers "
                       f"(the next run in this directory does too)")
+
+
+def complete_record(layout: Layout, samples_logged: int) -> dict[str, Any]:
+    """`grpo sync`: write to the store whatever the run on record (runs/tracking.json) lacks, from the manifests."""
+    record = read_record(layout)
+    if not record:
+        return {}
+    if record["tracking_uri"] != tracking_uri(layout.root):
+        raise ServiceError(f"runs/{TRACKING_FILE}: the run is recorded in the MLflow store {record['tracking_uri']}, "
+                           f"but MLFLOW_TRACKING_URI points at {tracking_uri(layout.root)}: set it to the former")
+    if record["status"] == "RUNNING":  # `grpo sync` holds the run lock: no run is going on here
+        record.update(status="KILLED", synced=False)
+    mlflow_record = MlflowRecord(layout.root, samples_logged, record)
+    mlflow_record.add(manifest_entries(layout, record))
+    try:
+        mlflow_record.sync()
+    except Exception as error:  # the store is away (still): nothing was lost, try again later
+        raise ServiceError(f"MLflow: the store at {record['tracking_uri']} does not answer "
+                           f"({describe_outage(error)}); nothing was lost: run `grpo sync` again later") from None
+    return {"mlflow_run_id": record["mlflow_run_id"], "mlflow_status": record["status"],
+            "iterations_in_mlflow": len(mlflow_record.in_store)}
 
 
 def log_evaluation_metrics(client, run_id: str, metrics: dict[str, float]) -> None:

@@ -619,7 +619,9 @@ def finished_dvc_run(tmp_path_factory) -> Path:
         if (ROOT / name).is_file() and not name.startswith("tests/"):
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, root / name)
-    (root / "params.yaml").write_text(_params_yaml(["grpo.iterations=1"]))
+    # One torch thread: the cases run two at a time, and two 2-thread torch processes on two
+    # cores stall each other (OpenMP spin-waits).
+    (root / "params.yaml").write_text(_params_yaml(["grpo.iterations=1", "threads=1"]))
     env = _dvc_env()
     for command in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-q", "-m", "tiny"],
                     ["dvc", "repro"]):

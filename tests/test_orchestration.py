@@ -117,6 +117,25 @@ def test_dvc_repro_runs_the_dag_once_and_reruns_only_what_a_grpo_knob_touches(re
     _run(["git", "checkout", "params.yaml"], repo, env)
 
 
+def test_dvc_exp_run_refuses_a_bad_value_before_dvc_touches_an_output(repo, env, tmp_path):
+    """`dvc exp run` in the workspace: DVC writes the -S value into params.yaml and runs the changed
+    stages there. With every output persisted, the stage's refusal comes before anything is lost.
+    (In a copy: a failed workspace experiment leaves DVC state the deployment tests must not meet.)"""
+    copy = tmp_path / "repo"
+    shutil.copytree(repo, copy, symlinks=True)
+
+    def outputs():
+        return {p.relative_to(copy): p.read_bytes() for folder in ("models", "metrics", "data")
+                for p in sorted((copy / folder).rglob("*")) if p.is_file()}
+
+    before = outputs()
+    assert before  # a finished run is there (the test above)
+    refused = _run(["dvc", "exp", "run", "-S", "grpo.beta=-0.1"], copy, env, check=False)
+    assert refused.returncode != 0
+    assert "error: params: grpo.beta: Input should be greater than or equal to 0" in refused.stdout + refused.stderr
+    assert outputs() == before
+
+
 class Worker:
     """`prefect worker start` for the project's work pool, as a user runs it."""
 
