@@ -648,6 +648,12 @@ NOT_THROUGH_DVC = {
     "params-override-into-a-value": "a --set argument",
     "path-outputs-symlinked-outside": "DVC follows the link to the same files: nothing changed, nothing runs",
 }
+# A reward's bad answer is found in `train`, after the rollout, whatever the answer is: through
+# DVC each is the same path (train fails, the iteration set aside is put back) at ~20 s a case.
+# Three of the nine go through DVC; all nine through the CLI above.
+NOT_THROUGH_DVC |= {name: "a reward's runtime answer, the same path as reward-raises-on-one-completion"
+                    for name in ("reward-inf", "reward-too-few-scores", "reward-too-many-scores",
+                                 "reward-a-number-not-a-list", "reward-returns-nothing", "reward-text-scores")}
 # What DVC itself refuses before it runs any stage (it reads params.yaml first), in its words.
 DVC_SAYS = {
     "params-yaml-syntax": "ERROR: unable to read: 'params.yaml', YAML file structure is corrupted",
@@ -700,4 +706,4 @@ def test_through_dvc_repro_every_bad_input_is_refused_before_dvc_touches_an_outp
         results = list(pool.map(lambda name: _dvc_case(name, finished_dvc_run, tmp_path, prefect_api), cases))
     problems = [f"{name}: {problem}" for name, problem in results if problem]
     assert not problems, "\n".join(problems)
-    assert len(cases) >= 70
+    assert len(cases) >= 67
