@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 
+from stages.logprobs import cache_argument, readout
+
 
 @dataclass
 class Samples:
@@ -93,10 +95,9 @@ def sample(
     device = model.device
     ids, mask = left_pad(prompt_ids, pad_id)
     ids, mask = ids.to(device), mask.to(device)
-    cache = DynamicCache(config=model.config)
+    cache = DynamicCache(config=model.config)  # filled in place by every forward below
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
-                past_key_values=cache, use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
+                **cache_argument(model, cache), use_cache=True, logits_to_keep=1)
     if group_size > 1:
         cache.batch_repeat_interleave(group_size)
     logits = out.logits[:, -1].float().repeat_interleave(group_size, dim=0)
@@ -137,8 +138,7 @@ def sample(
             rows, done, token, mask, next_position = rows[keep], done[keep], token[keep], mask[keep], next_position[keep]
         mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=device)], dim=-1)
         out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position[:, None],
-                    past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+                    **cache_argument(model, cache), use_cache=True)
         logits = out.logits[:, -1].float()
         next_position = next_position + 1
 
@@ -159,21 +159,10 @@ def completion_logprobs(
     ids = torch.cat([prompt_ids, completion_ids], dim=1)
     mask = torch.cat([prompt_mask, completion_mask], dim=1)
     width = completion_ids.shape[1]
-    # Logits only where they predict a completion token: the vocab projection is the big cost.
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
-                   logits_to_keep=width + 1).logits[:, :-1].float() / temperature
-    return _token_logprobs(logits, completion_ids, with_entropy)
-
-
-def _token_logprobs(logits: torch.Tensor, completion_ids: torch.Tensor,
-                    with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    logp = F.log_softmax(logits, dim=-1)
-    token_logp = logp.gather(-1, completion_ids[..., None]).squeeze(-1)
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = -(logp.exp() * logp).sum(-1)
-    return token_logp, entropy
+    reader = readout(model)
+    # Only the positions that predict a completion token go through the head: it is the big cost.
+    states = reader.states(ids, mask, positions(mask), keep=width + 1)[:, :-1]
+    return reader.logprobs(states, completion_ids, temperature, with_entropy)
 
 
 def shared_prompt_logprobs(
@@ -194,23 +183,23 @@ def shared_prompt_logprobs(
     """
     # Rows are the same prompt when ids and padding agree (a pad id can also be a real token).
     unique, row_prompt = torch.unique(torch.cat([prompt_ids, prompt_mask], dim=1), dim=0, return_inverse=True)
-    if len(unique) == len(prompt_ids):  # nothing shared: one forward is cheaper
+    # Under gradient checkpointing transformers drops the cache the completions would read the
+    # prompt from (a recomputed layer must not write it twice): each row runs whole instead.
+    checkpointing = model.training and torch.is_grad_enabled() and any(
+        getattr(module, "gradient_checkpointing", False) for module in model.modules())
+    if len(unique) == len(prompt_ids) or checkpointing:  # nothing shared (one forward is cheaper), or no cache
         return completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
                                    temperature, with_entropy)
     width = prompt_ids.shape[1]
     unique_ids, unique_mask = unique[:, :width], unique[:, width:]
+    reader = readout(model)
     cache = DynamicCache(config=model.config)
-    out = model(input_ids=unique_ids, attention_mask=unique_mask, position_ids=positions(unique_mask),
-                past_key_values=cache, use_cache=True, logits_to_keep=1)
-    first_logits = out.logits.index_select(0, row_prompt)  # [B, 1, V]: predicts each completion's first token
-    if completion_ids.shape[1] == 1:
-        logits = first_logits
-    else:
-        cache = out.past_key_values
+    prompt_states = reader.states(unique_ids, unique_mask, positions(unique_mask), keep=1, cache=cache)
+    states = prompt_states.index_select(0, row_prompt)  # [B, 1, ·]: predicts each completion's first token
+    if completion_ids.shape[1] > 1:
         select_rows(cache, row_prompt)
         fed_ids, fed_mask = completion_ids[:, :-1], completion_mask[:, :-1]
         mask = torch.cat([prompt_mask, fed_mask], dim=1)
-        rest = model(input_ids=fed_ids, attention_mask=mask, position_ids=positions(mask)[:, prompt_mask.shape[1]:],
-                     past_key_values=cache, use_cache=True).logits
-        logits = torch.cat([first_logits, rest], dim=1)
-    return _token_logprobs(logits.float() / temperature, completion_ids, with_entropy)
+        rest = reader.states(fed_ids, mask, positions(mask)[:, prompt_mask.shape[1]:], cache=cache)
+        states = torch.cat([states, rest], dim=1)
+    return reader.logprobs(states, completion_ids, temperature, with_entropy)

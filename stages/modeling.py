@@ -47,16 +47,28 @@ def resolve_device(params: Params) -> torch.device:
 
 
 def compile_forward(model: PreTrainedModel) -> PreTrainedModel:
-    """`model`'s own forward, compiled by torch.compile (inductor), in place; weights and saving unchanged.
+    """The forward of `model`'s body (its decoder), compiled by torch.compile (inductor), in place.
 
-    On a small model most of a forward's time is launching ~1,000 small ops per step (norms,
-    rotary, activations, their backward); inductor fuses them. Shapes are dynamic: one graph
-    serves every batch and sequence length (prefill, decode, a minibatch, its backward).
-    A model torch.compile cannot handle fails at its first call, as a one-line ModelError.
+    The body, not the whole model: log-probs are read from its hidden states through the LM
+    head a chunk at a time (stages/logprobs.py), and the model's own forward calls the body
+    too, so sampling runs compiled as well. On a small model most of a forward's time is
+    launching ~1,000 small ops per step (norms, rotary, activations, their backward); inductor
+    fuses them. Shapes are dynamic: one graph serves every batch and sequence length (prefill,
+    decode, a minibatch, its backward). Weights and saving are unchanged. A model
+    torch.compile cannot handle fails at its first call, as a one-line ModelError.
     """
-    compiled = torch.compile(model.forward, dynamic=True)
+    try:
+        body = model.get_decoder() or model
+    except (AttributeError, NotImplementedError, ValueError):
+        body = model
+    # One graph per kind of call, each a legitimate variant: grad or inference mode, no cache, an
+    # empty cache (a prompt) or a filled one (what follows it), the model's own call (sampling) or
+    # ours (log-probs), the policy's and the reference's. Past dynamo's default limit of 8 graphs
+    # per function it runs the rest eagerly, silently: a compiled run would be an eager one.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+    compiled = torch.compile(body.forward, dynamic=True)
 
-    @functools.wraps(model.forward)
+    @functools.wraps(body.forward)
     def forward(*args: Any, **kwargs: Any) -> Any:
         try:
             return compiled(*args, **kwargs)
@@ -64,8 +76,20 @@ def compile_forward(model: PreTrainedModel) -> PreTrainedModel:
             raise ModelError(f"compile: torch.compile failed on this model ({one_line(error)}); "
                              "set compile: false") from error
 
-    model.forward = forward
+    body.forward = forward
     return model
+
+
+def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
+    """`model.gradient_checkpointing`: the model's own, non-reentrant (the variant torch recommends).
+    Recent transformers call it activation checkpointing, and warn on the old name."""
+    try:
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    except ValueError as error:  # transformers: "... does not support gradient checkpointing."
+        raise ModelError(f"model.gradient_checkpointing: {one_line(error)}; set it to false") from None
 
 
 def dtype_for(device: torch.device) -> torch.dtype:

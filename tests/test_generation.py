@@ -168,3 +168,29 @@ def test_a_shared_prompt_step_is_bit_identical_at_two_threads_at_the_default_wid
         assert all(gradient() == first for _ in range(29))
     finally:
         torch.set_num_threads(threads)
+
+
+def test_the_kv_cache_is_passed_as_the_installed_transformers_names_it(model_and_tokenizer):
+    """Recent transformers renamed `past_key_values` to `cache` and warns on the old name; a real
+    run's log was mostly that warning. Neither the decode loop nor the shared-prompt forward may
+    trigger it."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    model, tokenizer = model_and_tokenizer
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    hf_logging.warning_once.cache_clear()  # it says everything once per process: let it speak again
+    hf_logging.get_logger("transformers").addHandler(handler)
+    try:
+        ids = encode_prompts(tokenizer, PROMPTS)
+        out = sample(model, ids, group_size=2, max_new_tokens=6, eos_ids=[tokenizer.eos_token_id],
+                     pad_id=tokenizer.pad_token_id, generator=torch.Generator().manual_seed(0))
+        completions = [row[:n].tolist() for row, n in zip(out.completion_ids, out.lengths)]
+        batch = CompletionBatch.from_lists([i for i in ids for _ in range(2)], completions, tokenizer.pad_token_id)
+        shared_prompt_logprobs(model, *batch.as_inputs())
+    finally:
+        hf_logging.get_logger("transformers").removeHandler(handler)
+    assert not [r.getMessage() for r in records if "past_key_values" in r.getMessage()]
