@@ -41,7 +41,8 @@ from stages.config import Params
 from stages.errors import PipelineError, StoppedError
 from stages.manifest import (checkpoint_path, completed_iterations, discard_after, read_manifest, recover_set_aside,
                              redoing, resume_point, training_fingerprint, write_manifest)
-from stages.modeling import compile_forward, configure_threads, load_model, load_tokenizer, resolve_device, save_model
+from stages.modeling import (compile_forward, configure_threads, enable_gradient_checkpointing, load_model,
+                             load_tokenizer, resolve_device, save_model)
 from stages.report import write_training_metrics
 from stages.reward import reward
 from stages.rollout import rollout
@@ -148,6 +149,8 @@ def load_train_state(params: Params, layout: Layout, start: int) -> TrainState:
     source = checkpoint_path(layout, start)
     # fp32 master weights: AdamW on bf16 weights loses small updates. bf16 comes from autocast.
     model = load_model(source, params.model, device, dtype=torch.float32).eval()
+    if params.model.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     state = TrainState(model, load_tokenizer(source, params.model.trust_remote_code), make_optimizer(model, params))
     if start:
         load_optimizer_state(state.optimizer, source)

@@ -61,6 +61,7 @@ class TinyModel(Section):
 class ModelConfig(Section):
     path: str  # empty: build and SFT the tiny model
     trust_remote_code: bool
+    gradient_checkpointing: bool  # the policy's layers recompute their activations in the backward
     tiny: TinyModel
 
 
@@ -97,6 +98,7 @@ class GRPOConfig(Section):
     iterations: int = Field(ge=0)
     mu: int = Field(ge=1)
     minibatch_size: int = Field(gt=0)  # completions per optimizer step
+    micro_batch_size: int = Field(ge=0)  # completions per forward/backward within a step; 0 = the whole minibatch
     # How each pass cuts the completions into minibatches: `completions` shuffles them one by
     # one (as TRL does); `groups` keeps a prompt's G completions together, groups shuffled
     # each pass (as verl does), which shares each prompt's forward but sees fewer prompts per step.
@@ -143,6 +145,9 @@ class Params(Section):
                 f"grpo.minibatch_size={self.grpo.minibatch_size} must divide "
                 f"rollout.prompts_per_iteration * rollout.group_size = {completions}"
             )
+        micro = self.grpo.micro_batch_size
+        if micro and self.grpo.minibatch_size % micro:
+            raise ValueError(f"grpo.micro_batch_size={micro} must divide grpo.minibatch_size={self.grpo.minibatch_size}")
         return self
 
     @model_validator(mode="after")

@@ -25,11 +25,13 @@ def training_fingerprint(params: Params, layout: Layout) -> dict[str, str]:
     """Everything an iteration's result depends on, except the checkpoint it starts from.
 
     `grpo.iterations` is left out (a longer run extends a shorter one), and so are eval,
-    checkpoint retention and the reward timeout, which do not change what an iteration computes.
+    checkpoint retention, the reward timeout and the micro-batch size, which do not change what
+    an iteration computes (a micro-batched step rounds differently, within float error).
     """
     shaping = params.model_dump(mode="json", include={"seed", "device", "rollout", "reward", "grpo"})
     shaping["grpo"].pop("iterations")
     shaping["reward"].pop("timeout_seconds")  # how long a reward may take, not what it computes
+    shaping["grpo"].pop("micro_batch_size")  # how a step's rows are cut for memory: the same step
     return {
         "params": value_digest(shaping),
         "reference": tree_digest(layout.reference),

@@ -57,27 +57,41 @@ def clipped_surrogate(logp: Tensor, old_logp: Tensor, advantages: Tensor,
 
 
 # --- aggregation ------------------------------------------------------------------------
+# Each aggregation is a sum over the completions' tokens divided by a count. Split that way, a
+# minibatch processed in micro-batches divides each part's sum by the count of the whole
+# minibatch, and the accumulated gradient is the whole minibatch's (not a mean of micro-batch
+# means, which weighs a short micro-batch's tokens more: verl#2505).
 
 
-def _per_sequence_mean(loss: Tensor, mask: Tensor, max_new_tokens: int | None) -> Tensor:
-    return ((loss * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+def _per_sequence_sum(loss: Tensor, mask: Tensor) -> Tensor:
+    return ((loss * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum()
 
 
-def _per_token_mean(loss: Tensor, mask: Tensor, max_new_tokens: int | None) -> Tensor:
-    return (loss * mask).sum() / mask.sum().clamp(min=1)
+def _token_sum(loss: Tensor, mask: Tensor) -> Tensor:
+    return (loss * mask).sum()
 
 
-def _constant_length(loss: Tensor, mask: Tensor, max_new_tokens: int | None) -> Tensor:
+LOSS_AGGREGATIONS: dict[str, tuple[Callable[[Tensor, Tensor], Tensor], Callable[[Tensor, int | None], float]]] = {
+    # the paper: mean over each completion's tokens, then over completions
+    "grpo": (_per_sequence_sum, lambda mask, max_new_tokens: mask.shape[0]),
+    # every token weighs the same, whatever its completion's length (TRL's bnpo: the minibatch's tokens)
+    "dapo": (_token_sum, lambda mask, max_new_tokens: max(float(mask.sum()), 1.0)),
+    # Dr. GRPO: a constant length, no length normalisation bias
+    "dr_grpo": (_token_sum, lambda mask, max_new_tokens: mask.shape[0] * _required(max_new_tokens)),
+}
+
+
+def _required(max_new_tokens: int | None) -> int:
     if max_new_tokens is None:
         raise ValueError("grpo.loss_agg: dr_grpo needs max_new_tokens")
-    return (loss * mask).sum() / (loss.shape[0] * max_new_tokens)
+    return max_new_tokens
 
 
-LOSS_AGGREGATIONS: dict[str, Callable[[Tensor, Tensor, int | None], Tensor]] = {
-    "grpo": _per_sequence_mean,  # the paper: mean over each completion's tokens, then over completions
-    "dapo": _per_token_mean,  # every token weighs the same, whatever its completion's length
-    "dr_grpo": _constant_length,  # Dr. GRPO: no length normalisation bias
-}
+def loss_normaliser(loss_agg: str, mask: Tensor, max_new_tokens: int | None = None) -> float:
+    """What `loss_agg` divides the minibatch's summed loss by, from the whole minibatch's mask [B, T]."""
+    if loss_agg not in LOSS_AGGREGATIONS:
+        raise ValueError(f"grpo.loss_agg: unknown {loss_agg!r} ({', '.join(LOSS_AGGREGATIONS)})")
+    return LOSS_AGGREGATIONS[loss_agg][1](mask, max_new_tokens)
 
 
 def masked_mean(values: Tensor, mask: Tensor) -> float:
@@ -89,14 +103,17 @@ def masked_mean(values: Tensor, mask: Tensor) -> float:
 
 def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, advantages: Tensor,
               mask: Tensor, *, eps_low: float = 0.2, eps_high: float = 0.2, beta: float = 0.04,
-              loss_agg: str = "grpo", max_new_tokens: int | None = None) -> tuple[Tensor, dict[str, float]]:
+              loss_agg: str = "grpo", max_new_tokens: int | None = None,
+              normaliser: float | None = None) -> tuple[Tensor, dict[str, float]]:
     """Clipped policy-gradient loss with a k3 KL penalty to the reference.
 
     logp, old_logp, ref_logp, mask: [B, T]; advantages: [B]. `old_logp` is the sampling
     policy's; `ref_logp` may be None only when beta == 0 (the reference is never run).
+    `normaliser`: the whole minibatch's `loss_normaliser` when these rows are one micro-batch
+    of it; by default these rows' own (they are the minibatch).
     """
-    if loss_agg not in LOSS_AGGREGATIONS:
-        raise ValueError(f"grpo.loss_agg: unknown {loss_agg!r} ({', '.join(LOSS_AGGREGATIONS)})")
+    if normaliser is None:
+        normaliser = loss_normaliser(loss_agg, mask, max_new_tokens)
     mask = mask.to(logp.dtype)
     surrogate, low_clipped, high_clipped = clipped_surrogate(logp, old_logp, advantages, eps_low, eps_high)
     per_token = -surrogate
@@ -107,7 +124,7 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, advantage
         kl = k3_kl(logp, ref_logp)
         per_token = per_token + beta * kl
         stats["kl"] = masked_mean(kl.detach(), mask)
-    loss = LOSS_AGGREGATIONS[loss_agg](per_token, mask, max_new_tokens)
+    loss = LOSS_AGGREGATIONS[loss_agg][0](per_token, mask) / normaliser
     stats["clip_ratio/low"] = masked_mean(low_clipped.float(), mask)
     stats["clip_ratio/high"] = masked_mean(high_clipped.float(), mask)
     stats["clip_ratio"] = stats["clip_ratio/low"] + stats["clip_ratio/high"]

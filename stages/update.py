@@ -25,7 +25,7 @@ from stages.config import Params
 from stages.errors import GroupError, NumericsError
 from stages.generation import shared_prompt_logprobs
 from stages.modeling import autocast
-from stages.objective import grpo_loss
+from stages.objective import grpo_loss, loss_normaliser
 from stages.rollout import iteration_seed
 
 
@@ -124,7 +124,11 @@ def reference_logprobs(reference: PreTrainedModel, batch: UpdateBatch, chunk: in
     return ref_logp
 
 
-def policy_step(state: TrainState, batch: UpdateBatch, params: Params, iteration: int) -> dict[str, float]:
+def micro_step(state: TrainState, batch: UpdateBatch, params: Params, normaliser: float) -> dict[str, float]:
+    """Forward and backward of one micro-batch; its loss is its share of the minibatch's (`normaliser`).
+
+    Returns the micro-batch's statistics and its token count, which weighs them in the step's.
+    """
     cfg, device = params.grpo, state.model.device
     inputs = batch.inputs.to(device)
     with autocast(device):
@@ -139,20 +143,37 @@ def policy_step(state: TrainState, batch: UpdateBatch, params: Params, iteration
     loss, stats = grpo_loss(
         logp.float(), batch.old_logp.to(device), ref_logp,
         batch.advantages.to(device), mask, eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta,
-        loss_agg=cfg.loss_agg, max_new_tokens=params.rollout.max_new_tokens,
+        loss_agg=cfg.loss_agg, max_new_tokens=params.rollout.max_new_tokens, normaliser=normaliser,
     )
-    if not torch.isfinite(loss):
-        raise NumericsError(f"iteration {iteration}: the loss is {loss.item()}; the previous checkpoint is kept")
+    if torch.isfinite(loss):  # a non-finite loss is refused by the caller, before the optimizer steps
+        loss.backward()
+    ratio = torch.exp(logp.detach().float() - batch.old_logp.to(device))
+    return {**stats, "loss": loss.item(), "entropy": float((entropy * mask).sum() / mask.sum()),
+            "ratio_mean": float((ratio * mask).sum() / mask.sum()), "tokens": float(mask.sum())}
+
+
+def policy_step(state: TrainState, batch: UpdateBatch, params: Params, iteration: int) -> dict[str, float]:
+    """One optimizer step on a minibatch, in micro-batches of `grpo.micro_batch_size` rows whose
+    gradients add up to the whole minibatch's (`loss_normaliser` is the minibatch's)."""
+    cfg = params.grpo
+    rows = len(batch.advantages)
+    normaliser = loss_normaliser(cfg.loss_agg, batch.inputs.completion_mask, params.rollout.max_new_tokens)
     state.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    parts = [micro_step(state, batch.rows(part), params, normaliser)
+             for part in torch.arange(rows).split(cfg.micro_batch_size or rows)]
+    loss = sum(part.pop("loss") for part in parts)
+    if not np.isfinite(loss):
+        state.optimizer.zero_grad(set_to_none=True)
+        raise NumericsError(f"iteration {iteration}: the loss is {loss}; the previous checkpoint is kept")
     grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.max_grad_norm)
     if not torch.isfinite(grad_norm):
         raise NumericsError(f"iteration {iteration}: the gradient norm is {grad_norm.item()}; the previous checkpoint is kept")
     state.optimizer.step()
-    ratio = torch.exp(logp.detach().float() - batch.old_logp.to(device))
-    return {**stats, "loss": loss.item(), "grad_norm": grad_norm.item(),
-            "entropy": float((entropy * mask).sum() / mask.sum()),
-            "ratio_mean": float((ratio * mask).sum() / mask.sum())}
+    # Each statistic is a mean over tokens: weigh each micro-batch's by its tokens.
+    weights = [part.pop("tokens") for part in parts]
+    stats = parts[0] if len(parts) == 1 else {
+        key: sum(part[key] * weight for part, weight in zip(parts, weights)) / sum(weights) for key in parts[0]}
+    return {**stats, "loss": loss, "grad_norm": grad_norm.item()}
 
 
 def update(params: Params, layout: Layout, iteration: int, state: TrainState,
@@ -161,7 +182,8 @@ def update(params: Params, layout: Layout, iteration: int, state: TrainState,
     cfg = params.grpo
     batch = load_update_batch(layout, iteration, state.tokenizer.pad_token_id)
     if cfg.beta != 0.0:  # with beta = 0 the reference is never run
-        batch.ref_logp = reference_logprobs(reference, batch, cfg.minibatch_size, params.rollout.temperature)
+        batch.ref_logp = reference_logprobs(reference, batch, cfg.micro_batch_size or cfg.minibatch_size,
+                                            params.rollout.temperature)
     seconds_reference = time.perf_counter() - started
 
     state.model.train()

@@ -341,6 +341,9 @@ CASES = {
     "params-minibatch-not-dividing-the-batch": Case(
         PROCESS, ["params: grpo.minibatch_size=6 must divide rollout.prompts_per_iteration * rollout.group_size = 16"],
         overrides=["grpo.minibatch_size=6"]),
+    "params-micro-batch-not-dividing-the-minibatch": Case(
+        PROCESS, ["params: grpo.micro_batch_size=3 must divide grpo.minibatch_size=8"],
+        overrides=["grpo.micro_batch_size=3"]),
     "params-prompts-per-iteration-over-train-size": Case(
         APP, ["params: rollout.prompts_per_iteration=400 exceeds data.builtin.train_size=200"],
         overrides=["rollout.prompts_per_iteration=400"]),

@@ -110,6 +110,50 @@ def test_the_update_steps_the_policy_as_the_plain_loop_does(iteration_files, los
     assert max((got - start).abs().max() for got, start in zip(expected, model.parameters())) > 1e-3
 
 
+def stepped_policy(iteration_files, params) -> list[torch.Tensor]:
+    layout, model, tokenizer = iteration_files
+    policy = copy.deepcopy(model)
+    update(params, layout, 1, TrainState(policy, tokenizer, torch.optim.SGD(policy.parameters(), lr=LR)), model)
+    return [p.detach() for p in policy.parameters()]
+
+
+@pytest.mark.parametrize("minibatches", ["groups", "completions"])
+@pytest.mark.parametrize("loss_agg", ["grpo", "dapo", "dr_grpo"])
+def test_a_micro_batched_step_is_the_whole_minibatchs_step(iteration_files, loss_agg, minibatches, tmp_path):
+    """Micro-batches of 2 and 3 rows of a 6-row minibatch, their gradients accumulated, step the
+    policy as the whole minibatch does: each part's loss is divided by the whole minibatch's
+    count (its tokens for dapo, its completions for grpo), not its own. No gradient clipping,
+    which would hide a gradient of the wrong scale."""
+    def stepped(micro_batch_size: int) -> list[torch.Tensor]:
+        params = load_params(ROOT / "params.yaml", [
+            *TINY, f"rollout.prompts_per_iteration={len(PROMPTS)}", f"rollout.group_size={G}",
+            "rollout.max_new_tokens=10", "grpo.minibatch_size=6", "grpo.mu=2", f"grpo.minibatches={minibatches}",
+            "grpo.beta=0.1", f"grpo.loss_agg={loss_agg}", "grpo.max_grad_norm=1e9",
+            f"grpo.micro_batch_size={micro_batch_size}"])
+        return stepped_policy(iteration_files, params)
+
+    whole = stepped(0)
+    for micro_batch_size in (2, 3):
+        for got, want in zip(stepped(micro_batch_size), whole, strict=True):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+def test_gradient_checkpointing_steps_the_policy_as_without(iteration_files):
+    """The model's own checkpointing drops the KV cache the shared-prompt forward reads: each row
+    then runs whole, with the same gradients."""
+    from stages.modeling import enable_gradient_checkpointing
+
+    layout, model, tokenizer = iteration_files
+    params = params_for("grpo", beta=0.1)
+    expected = stepped_policy(iteration_files, params)
+    policy = copy.deepcopy(model)
+    enable_gradient_checkpointing(policy)
+    assert any(getattr(module, "gradient_checkpointing", False) for module in policy.modules())
+    update(params, layout, 1, TrainState(policy, tokenizer, torch.optim.SGD(policy.parameters(), lr=LR)), model)
+    for got, want in zip(policy.parameters(), expected, strict=True):
+        torch.testing.assert_close(got.detach(), want, atol=1e-5, rtol=0)
+
+
 def shuffled_groups(prompts: int, group_size: int) -> torch.Tensor:
     """The prompt of each row, rows not in prompt order (a file need not list them so)."""
     groups = torch.arange(prompts).repeat_interleave(group_size)
