@@ -36,13 +36,14 @@ from flows.signals import Interrupted, StopAtBoundary
 from flows.tracking import Tracker, services_wait_seconds
 from stages.advantage import advantage
 from stages.artifacts import Layout
+from stages.adapters import add_adapters, load_adapters, save_policy
 from stages.checkpoints import load_optimizer_state, prune
 from stages.config import Params
 from stages.errors import PipelineError, StoppedError
 from stages.manifest import (checkpoint_path, completed_iterations, discard_after, read_manifest, recover_set_aside,
                              redoing, resume_point, training_fingerprint, write_manifest)
 from stages.modeling import (compile_forward, configure_threads, enable_gradient_checkpointing, load_model,
-                             load_tokenizer, resolve_device, save_model)
+                             load_tokenizer, resolve_device)
 from stages.report import write_training_metrics
 from stages.reward import reward
 from stages.rollout import rollout
@@ -148,7 +149,12 @@ def load_train_state(params: Params, layout: Layout, start: int) -> TrainState:
     device = resolve_device(params)
     source = checkpoint_path(layout, start)
     # fp32 master weights: AdamW on bf16 weights loses small updates. bf16 comes from autocast.
-    model = load_model(source, params.model, device, dtype=torch.float32).eval()
+    if params.model.lora.r:  # the reference's weights, frozen, and adapters: fresh, or the checkpoint's
+        base = load_model(layout.reference, params.model, device, dtype=torch.float32)
+        model = load_adapters(base, source) if start else add_adapters(base, params.model.lora, params.seed)
+        model.eval()
+    else:
+        model = load_model(source, params.model, device, dtype=torch.float32).eval()
     if params.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     state = TrainState(model, load_tokenizer(source, params.model.trust_remote_code), make_optimizer(model, params))
@@ -218,14 +224,16 @@ def train_iterations(params: Params, layout: Layout, run_name: str | None,
         logger.info("resuming after iteration %d (its outputs and checkpoint match this run)", start)
     state = load_train_state(params, layout, start)
     reference = None
-    if params.grpo.beta != 0.0:
-        reference = load_model(layout.reference, params.model, state.model.device).eval()
+    if params.grpo.beta != 0.0:  # with LoRA the policy is the reference too, its adapters disabled
+        reference = state.model if params.model.lora.r else load_model(layout.reference, params.model,
+                                                                         state.model.device).eval()
     if params.compile:
+        separate = reference is not None and reference is not state.model
         logger.info("compiling the forward of the policy%s (compile: true): the first iterations take longer",
-                    " and the reference" if reference is not None else "")
-        for model in (state.model, reference):
-            if model is not None:
-                compile_forward(model)
+                    " and the reference" if separate else "")
+        compile_forward(state.model)
+        if separate:
+            compile_forward(reference)
     stops.check("loading the models")
 
     try:
@@ -254,7 +262,7 @@ def train_iterations(params: Params, layout: Layout, run_name: str | None,
             if iteration < params.grpo.iterations:
                 stops.check(f"iteration {iteration}")
         discard_after(layout, params.grpo.iterations)  # what an earlier, longer run left past this one's end
-        save_model(state.model, state.tokenizer, layout.policy)
+        save_policy(state.model, state.tokenizer, layout.policy)
         summary = write_training_metrics(layout, done)
     except (StoppedError, Interrupted):
         tracker.finish("KILLED")

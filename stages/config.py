@@ -58,10 +58,18 @@ class TinyModel(Section):
     max_position_embeddings: int = Field(gt=0)
 
 
+class LoraSection(Section):
+    r: int = Field(ge=0)  # 0: full fine-tuning
+    alpha: float = Field(gt=0)
+    dropout: float = Field(ge=0, lt=1)
+    target_modules: tuple[str, ...] = Field(min_length=1)
+
+
 class ModelConfig(Section):
     path: str  # empty: build and SFT the tiny model
     trust_remote_code: bool
     gradient_checkpointing: bool  # the policy's layers recompute their activations in the backward
+    lora: LoraSection
     tiny: TinyModel
 
 

@@ -96,6 +96,8 @@ def head_logprobs(hidden: Tensor, head: nn.Linear, targets: Tensor, temperature:
 def cache_argument(model: nn.Module, cache: Cache | None) -> dict[str, Cache | None]:
     """The KV cache as this transformers version names the argument: `cache` in recent 5.x, where the
     older `past_key_values` still works but warns at every call; `past_key_values` before that."""
+    if hasattr(model, "get_base_model"):  # peft's wrapper takes **kwargs: ask the model it wraps
+        model = model.get_base_model()
     name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     return {name: cache}
 

@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from stages.adapters import as_reference
 from stages.artifacts import Layout, write_json
 from stages.batching import CompletionBatch, pad_to
 from stages.checkpoints import save_checkpoint
@@ -42,8 +43,8 @@ def make_optimizer(model: PreTrainedModel, params: Params) -> torch.optim.Optimi
     # The fused kernel is AdamW's same update in one pass over all parameters (CPU and CUDA),
     # instead of a handful of small ops per parameter tensor; what TRL's Trainer uses too.
     fused = True if model.device.type in ("cpu", "cuda") else None  # None: torch's default elsewhere
-    return torch.optim.AdamW(model.parameters(), lr=params.grpo.lr, weight_decay=params.grpo.weight_decay,
-                             fused=fused)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # with LoRA: the adapters only
+    return torch.optim.AdamW(trainable, lr=params.grpo.lr, weight_decay=params.grpo.weight_decay, fused=fused)
 
 
 @dataclass
@@ -182,10 +183,14 @@ def update(params: Params, layout: Layout, iteration: int, state: TrainState,
     cfg = params.grpo
     batch = load_update_batch(layout, iteration, state.tokenizer.pad_token_id)
     if cfg.beta != 0.0:  # with beta = 0 the reference is never run
-        batch.ref_logp = reference_logprobs(reference, batch, cfg.micro_batch_size or cfg.minibatch_size,
-                                            params.rollout.temperature)
+        with as_reference(reference) as frozen:  # with LoRA: the policy itself, adapters off
+            batch.ref_logp = reference_logprobs(frozen, batch, cfg.micro_batch_size or cfg.minibatch_size,
+                                                params.rollout.temperature)
     seconds_reference = time.perf_counter() - started
 
+    # Dropout (the model's, LoRA's) draws from torch's global generator: seed it per iteration,
+    # so a resumed iteration draws what the uninterrupted one did.
+    torch.manual_seed(iteration_seed(params.seed, iteration, 3))
     state.model.train()
     generator = torch.Generator().manual_seed(iteration_seed(params.seed, iteration, 2))
     steps: list[dict[str, float]] = []

@@ -1,0 +1,154 @@
+"""`model.lora`: a user's Llama-shaped directory (a 32,000-entry vocabulary, a chat template)
+trained through adapters with the real CLI. Only the adapted weights move, the reference is
+the base model (adapters off), a killed run resumes bit-identically, and `models/policy` is a
+plain model that loads and generates, with its adapter beside it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tokenizers import AddedToken, Tokenizer, decoders, models
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from conftest import ROOT, clean_env, outcome, prepare_tiny_project, start_prefect_server, stop
+from stages.artifacts import Layout
+from test_resume import train, workspace
+
+VOCABULARY = 32_000
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+ADAPTED = ("q_proj", "v_proj")
+REWARD = "def digits(prompts, completions, **_):\n    return [sum(c.isdigit() for c in text) / 4 for text in completions]\n"
+
+
+def chat_model_directory(path: Path) -> Path:
+    """As a user's Hub download looks: characters plus 31,800 subword entries this text never
+    produces (the vocabulary's size is what costs), ChatML turns, tied embeddings."""
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    characters = [chr(c) for c in range(32, 127)] + ["\n"]
+    vocab = {token: i for i, token in enumerate(specials + characters)}
+    vocab |= {f"##w{i}": len(vocab) + i for i in range(VOCABULARY - len(vocab))}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
+    core.decoder = decoders.Fuse()
+    core.add_special_tokens([AddedToken(t, special=True) for t in specials])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, prepared):
+    environment = clean_env(tmp_path_factory.mktemp("state"))
+    server, api = start_prefect_server(environment)
+    yield {**environment, "PREFECT_API_URL": api, "PYTHONPATH": str(prepared)}  # the reward module
+    stop(server)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    (root / "lora_rewards.py").write_text(REWARD)
+    sys.path.insert(0, str(root))  # params name the user's reward module: it must import here too
+    model = chat_model_directory(root / "user-model")
+    assert len(AutoTokenizer.from_pretrained(model)) == VOCABULARY
+    return prepare_tiny_project(root, 3, [
+        f"model.path={model}", "model.lora.r=4", "model.lora.alpha=8", f"model.lora.target_modules={list(ADAPTED)}",
+        "rollout.prompts_per_iteration=4", "rollout.group_size=4", "rollout.max_new_tokens=12",
+        "grpo.minibatch_size=8", "grpo.lr=0.01", "grpo.beta=0.04", "reward.custom=[lora_rewards:digits]",
+        "reward.weights={accuracy: 1.0, format: 0.2, language: 0.0, digits: 1.0}", "eval.max_new_tokens=8"])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(prepared, env, tmp_path_factory):
+    root = workspace(prepared, tmp_path_factory.mktemp("runs"), "uninterrupted")
+    result = train(root, env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root
+
+
+def test_only_the_adapted_weights_move_and_checkpoints_hold_adapters(uninterrupted):
+    layout = Layout(uninterrupted)
+    checkpoint = layout.checkpoint(3)
+    assert (checkpoint / "adapter_model.safetensors").is_file() and (checkpoint / "optimizer.pt").is_file()
+    assert not (checkpoint / "model.safetensors").exists()  # the base weights are the reference's
+    before = load_file(layout.reference / "model.safetensors")
+    after = load_file(layout.policy / "model.safetensors")
+    assert after.keys() == before.keys()  # merged: a plain model, no adapter tensors
+    moved = {name for name in before if not torch.equal(before[name], after[name])}
+    assert moved and all(name.split(".")[-2] in ADAPTED for name in moved), sorted(moved)
+
+
+def test_the_reference_is_the_base_model_with_the_adapters_disabled(uninterrupted):
+    from stages.adapters import as_reference, load_adapters
+    from stages.batching import CompletionBatch
+    from stages.generation import shared_prompt_logprobs
+
+    layout = Layout(uninterrupted)
+    base = AutoModelForCausalLM.from_pretrained(layout.reference).eval()
+    policy = load_adapters(AutoModelForCausalLM.from_pretrained(layout.reference), layout.checkpoint(3)).eval()
+    batch = CompletionBatch.from_lists([[5, 6, 7, 8], [5, 6, 7, 8], [9, 10]], [[11, 12, 13], [14, 15], [16]], pad_id=0)
+    with torch.no_grad():
+        expected, _ = shared_prompt_logprobs(base, *batch.as_inputs())
+        with as_reference(policy) as reference:
+            frozen, _ = shared_prompt_logprobs(reference, *batch.as_inputs())
+        adapted, _ = shared_prompt_logprobs(policy, *batch.as_inputs())
+    assert torch.equal(frozen, expected)
+    assert not torch.allclose(adapted, expected)  # the adapters did learn something
+
+
+def test_a_killed_adapted_run_resumes_to_the_uninterrupted_weights(uninterrupted, prepared, env, tmp_path):
+    root = workspace(prepared, tmp_path, "killed")
+    killed = train(root, env, kill_at=("update", 2))
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    resumed = train(root, env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming after iteration 1" in resumed.stdout + resumed.stderr
+    assert outcome(root) == outcome(uninterrupted)
+
+
+def test_the_merged_policy_loads_generates_and_equals_base_plus_adapter(uninterrupted, env, tmp_path):
+    from peft import PeftModel
+
+    layout = Layout(uninterrupted)
+    evaluated = subprocess.run([sys.executable, "-m", "flows.cli", "evaluate", "--params",
+                                str(uninterrupted / "params.yaml"), "--root", str(uninterrupted)],
+                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert (layout.metrics / "eval.json").is_file()
+
+    merged = AutoModelForCausalLM.from_pretrained(layout.policy).eval()
+    tokenizer = AutoTokenizer.from_pretrained(layout.policy)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}], tokenize=False,
+                                           add_generation_prompt=True)
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    generated = merged.generate(**ids, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert generated.shape[1] > ids["input_ids"].shape[1]
+
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(layout.reference),
+                                        layout.policy / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(**ids).logits, merged(**ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_target_modules_that_match_nothing_are_one_line_naming_the_key(prepared, env, tmp_path):
+    root = workspace(prepared, tmp_path, "typo")
+    params = root / "params.yaml"
+    params.write_text(params.read_text().replace("- q_proj", "- q_porj").replace("- v_proj", "- v_porj"))
+    result = train(root, env)
+    assert result.returncode != 0
+    errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: model.lora.target_modules: "), errors
+    assert not (Layout(root).runs / "iterations").exists() or not any((Layout(root).runs / "iterations").iterdir())
