@@ -42,8 +42,8 @@ from stages.config import Params
 from stages.errors import PipelineError, StoppedError
 from stages.manifest import (checkpoint_path, completed_iterations, discard_after, read_manifest, recover_set_aside,
                              redoing, resume_point, training_fingerprint, write_manifest)
-from stages.modeling import (compile_forward, configure_threads, enable_gradient_checkpointing, load_model,
-                             load_tokenizer, resolve_device)
+from stages.modeling import (compile_forward, compute_dtype, configure_threads, dtype_for,
+                             enable_gradient_checkpointing, load_model, load_tokenizer, resolve_device)
 from stages.report import write_training_metrics
 from stages.reward import reward
 from stages.rollout import rollout
@@ -147,6 +147,7 @@ def run_iteration(params: Params, layout: Layout, iteration: int, state: TrainSt
 
 def load_train_state(params: Params, layout: Layout, start: int) -> TrainState:
     device = resolve_device(params)
+    compute_dtype(device, params.precision)  # a precision this machine cannot run: refused before any work
     source = checkpoint_path(layout, start)
     # fp32 master weights: AdamW on bf16 weights loses small updates. bf16 comes from autocast.
     if params.model.lora.r:  # the reference's weights, frozen, and adapters: fresh, or the checkpoint's
@@ -225,8 +226,9 @@ def train_iterations(params: Params, layout: Layout, run_name: str | None,
     state = load_train_state(params, layout, start)
     reference = None
     if params.grpo.beta != 0.0:  # with LoRA the policy is the reference too, its adapters disabled
-        reference = state.model if params.model.lora.r else load_model(layout.reference, params.model,
-                                                                         state.model.device).eval()
+        reference = state.model if params.model.lora.r else load_model(
+            layout.reference, params.model, state.model.device,
+            dtype=dtype_for(state.model.device, params.precision)).eval()
     if params.compile:
         separate = reference is not None and reference is not state.model
         logger.info("compiling the forward of the policy%s (compile: true): the first iterations take longer",

@@ -136,6 +136,7 @@ class Params(Section):
     device: Literal["auto", "cpu", "cuda"]
     threads: int = Field(ge=0)  # torch intra-op threads; 0 = one per core
     compile: bool  # torch.compile the policy's and reference's forward during training
+    precision: Literal["auto", "fp32", "bf16"]  # the forwards' autocast: auto = bf16 on CUDA, fp32 on CPU
     data: DataConfig
     model: ModelConfig
     sft: SFTConfig

@@ -10,7 +10,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from stages.artifacts import Layout, write_json
 from stages.config import Params
 from stages.generation import sample
-from stages.modeling import (check_context, check_model_dir, configure_threads, context_limit, encode_prompts,
+from stages.modeling import (autocast, check_context, check_model_dir, compute_dtype, configure_threads,
+                             context_limit, dtype_for, encode_prompts,
                              eos_token_ids, load_pretrained, resolve_device)
 from stages.prepare import read_prompt_split
 from stages.rewards import accuracy, format_reward
@@ -40,6 +41,7 @@ def held_out_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
 def evaluate(params: Params, layout: Layout) -> dict[str, float]:
     configure_threads(params)
     device = resolve_device(params)
+    compute_dtype(device, params.precision)  # a precision this machine cannot run: refused before any work
     target = layout.metrics / "eval.json"  # checked to lie inside the run directory before any work
     test = read_prompt_split(layout, "test")
     models = (("reference", layout.reference), ("policy", layout.policy))
@@ -48,13 +50,14 @@ def evaluate(params: Params, layout: Layout) -> dict[str, float]:
     metrics: dict[str, float] = {"test_prompts": len(test)}
     for name, path in models:
         started = time.perf_counter()
-        model, tokenizer = load_pretrained(path, params.model, device)
+        model, tokenizer = load_pretrained(path, params.model, device, dtype=dtype_for(device, params.precision))
         limit = context_limit(model.config, params.model)
         if limit is not None:  # eval.max_new_tokens is not checked by any earlier stage against this model
             labels = [f"{layout.prompt_split('test')} prompt_id {pid!r}" for pid in test["prompt_id"]]
             check_context(encode_prompts(tokenizer, test["prompt"].tolist()), labels,
                           params.eval.max_new_tokens, "eval.max_new_tokens", *limit)
-        scores = held_out_scores(model.eval(), tokenizer, test, params.eval.max_new_tokens, params.eval.batch_size)
+        with autocast(device, params.precision):
+            scores = held_out_scores(model.eval(), tokenizer, test, params.eval.max_new_tokens, params.eval.batch_size)
         metrics.update({f"{name}_{key}": value for key, value in scores.items()})
         metrics[f"{name}_seconds"] = time.perf_counter() - started
     metrics["accuracy_gain"] = metrics["policy_accuracy"] - metrics["reference_accuracy"]

@@ -28,7 +28,7 @@ def training_fingerprint(params: Params, layout: Layout) -> dict[str, str]:
     checkpoint retention, the reward timeout and the micro-batch size, which do not change what
     an iteration computes (a micro-batched step rounds differently, within float error).
     """
-    shaping = params.model_dump(mode="json", include={"seed", "device", "rollout", "reward", "grpo"})
+    shaping = params.model_dump(mode="json", include={"seed", "device", "precision", "rollout", "reward", "grpo"})
     shaping["lora"] = params.model.lora.model_dump(mode="json")  # what is trained
     shaping["grpo"].pop("iterations")
     shaping["reward"].pop("timeout_seconds")  # how long a reward may take, not what it computes

@@ -92,13 +92,36 @@ def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
         raise ModelError(f"model.gradient_checkpointing: {one_line(error)}; set it to false") from None
 
 
-def dtype_for(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), as oneDNN sees it."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def autocast(device: torch.device):
-    """bf16 matmuls on GPU over fp32 master weights (the optimizer needs fp32); plain fp32 on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+def compute_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype of the model's forwards under `precision`; None: plain fp32.
+
+    auto: bf16 on CUDA, fp32 on CPU. bf16: bf16 on either (on CPU only where it has bf16 units:
+    elsewhere it would be emulated, slower than fp32). fp32: fp32 on either.
+    """
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if device.type == "cpu" and not cpu_has_bf16():
+        raise ModelError("precision: bf16: this CPU has no bf16 units (AVX512-BF16 or AMX), so bf16 would be "
+                         "emulated and slower than fp32; use auto or fp32")
+    return torch.bfloat16
+
+
+def dtype_for(device: torch.device, precision: str = "auto") -> torch.dtype:
+    """The weights' dtype of a model loaded for inference: bf16 on CUDA unless precision is fp32.
+    (On CPU fp32 weights always: bf16 there is autocast, the weights stay fp32.)"""
+    return torch.bfloat16 if device.type == "cuda" and precision != "fp32" else torch.float32
+
+
+def autocast(device: torch.device, precision: str = "auto"):
+    """Matmuls in bf16 where `precision` says so, over fp32 master weights (the optimizer needs fp32);
+    softmax, log-softmax and the loss stay in fp32 (autocast's own lists)."""
+    dtype = compute_dtype(device, precision)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -205,9 +228,9 @@ def load_model(path: Path, cfg: ModelConfig, device: torch.device, dtype: torch.
     return model.to(device)
 
 
-def load_pretrained(path: Path, cfg: ModelConfig, device: torch.device,
-                    key: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    model = load_model(path, cfg, device, key=key)
+def load_pretrained(path: Path, cfg: ModelConfig, device: torch.device, key: str | None = None,
+                    dtype: torch.dtype | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    model = load_model(path, cfg, device, dtype=dtype, key=key)
     return model, load_tokenizer(path, cfg.trust_remote_code, key)
 
 

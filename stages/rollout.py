@@ -18,7 +18,7 @@ from stages.config import Params
 from stages.errors import DataError, RolloutError
 from stages.generation import sample
 from stages.groups import check_groups
-from stages.modeling import check_context, context_limit, encode_prompts, eos_token_ids
+from stages.modeling import autocast, check_context, context_limit, encode_prompts, eos_token_ids
 from stages.prepare import read_prompt_split
 
 
@@ -45,9 +45,11 @@ def generate_rollouts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
                       cfg.max_new_tokens, "rollout.max_new_tokens", *limit)
     generator = torch.Generator(model.device).manual_seed(iteration_seed(params.seed, iteration, 1))
     model.eval()
-    out = sample(model, prompt_ids, group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
-                 eos_ids=eos_token_ids(model, tokenizer), pad_id=tokenizer.pad_token_id,
-                 temperature=cfg.temperature, top_p=cfg.top_p, generator=generator)
+    # Sampled under the update's precision: the first step's ratio is then 1, not a precision gap.
+    with autocast(model.device, params.precision):
+        out = sample(model, prompt_ids, group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
+                     eos_ids=eos_token_ids(model, tokenizer), pad_id=tokenizer.pad_token_id,
+                     temperature=cfg.temperature, top_p=cfg.top_p, generator=generator)
     lengths = out.lengths.tolist()
     completion_ids = [row[:n] for row, n in zip(out.completion_ids.tolist(), lengths)]
     repeat = np.repeat(np.arange(len(prompts)), cfg.group_size)

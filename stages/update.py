@@ -111,7 +111,8 @@ def pass_order(groups: torch.Tensor, minibatches: str, generator: torch.Generato
 
 
 @torch.inference_mode()
-def reference_logprobs(reference: PreTrainedModel, batch: UpdateBatch, chunk: int, temperature: float) -> torch.Tensor:
+def reference_logprobs(reference: PreTrainedModel, batch: UpdateBatch, chunk: int, temperature: float,
+                       precision: str = "auto") -> torch.Tensor:
     """The frozen reference's log-probs of every completion token, computed once per iteration."""
     device = reference.device
     rows, width = len(batch.advantages), batch.inputs.completion_ids.shape[1]
@@ -119,7 +120,7 @@ def reference_logprobs(reference: PreTrainedModel, batch: UpdateBatch, chunk: in
     # Rows are grouped by prompt in rollouts.parquet, so a chunk shares few prompts among many rows.
     for start in range(0, rows, chunk):
         inputs = batch.rows(torch.arange(start, min(start + chunk, rows))).inputs.to(device)
-        with autocast(device):
+        with autocast(device, precision):
             logp, _ = shared_prompt_logprobs(reference, *inputs.as_inputs(), temperature=temperature)
         ref_logp[start:start + chunk, :logp.shape[1]] = logp.float().cpu()
     return ref_logp
@@ -132,7 +133,7 @@ def micro_step(state: TrainState, batch: UpdateBatch, params: Params, normaliser
     """
     cfg, device = params.grpo, state.model.device
     inputs = batch.inputs.to(device)
-    with autocast(device):
+    with autocast(device, params.precision):
         logp, entropy = shared_prompt_logprobs(state.model, *inputs.as_inputs(),
                                                temperature=params.rollout.temperature, with_entropy=True)
     mask = inputs.completion_mask.float()
@@ -185,7 +186,7 @@ def update(params: Params, layout: Layout, iteration: int, state: TrainState,
     if cfg.beta != 0.0:  # with beta = 0 the reference is never run
         with as_reference(reference) as frozen:  # with LoRA: the policy itself, adapters off
             batch.ref_logp = reference_logprobs(frozen, batch, cfg.micro_batch_size or cfg.minibatch_size,
-                                                params.rollout.temperature)
+                                                params.rollout.temperature, params.precision)
     seconds_reference = time.perf_counter() - started
 
     # Dropout (the model's, LoRA's) draws from torch's global generator: seed it per iteration,
