@@ -68,3 +68,7 @@ class StoppedError(PipelineError):
 
 class ServiceError(PipelineError, RuntimeError):
     """A bookkeeping service (the Prefect API, the MLflow store) that does not answer, naming it."""
+
+
+class OutOfMemoryError(PipelineError, MemoryError):
+    """An allocation that failed (CPU or GPU), naming the stage, the shapes and the knobs to lower."""

@@ -13,6 +13,7 @@ from stages.generation import sample
 from stages.modeling import (autocast, check_context, check_model_dir, compute_dtype, configure_threads,
                              context_limit, dtype_for, encode_prompts,
                              eos_token_ids, load_pretrained, resolve_device)
+from stages.memory import memory_named
 from stages.prepare import read_prompt_split
 from stages.rewards import accuracy, format_reward
 
@@ -56,7 +57,10 @@ def evaluate(params: Params, layout: Layout) -> dict[str, float]:
             labels = [f"{layout.prompt_split('test')} prompt_id {pid!r}" for pid in test["prompt_id"]]
             check_context(encode_prompts(tokenizer, test["prompt"].tolist()), labels,
                           params.eval.max_new_tokens, "eval.max_new_tokens", *limit)
-        with autocast(device, params.precision):
+        with (memory_named(f"the evaluation of models/{name}",
+                           f"{params.eval.batch_size} prompts decoded at once, up to {params.eval.max_new_tokens} "
+                           f"new tokens, vocabulary {model.config.vocab_size}", "lower eval.batch_size"),
+              autocast(device, params.precision)):
             scores = held_out_scores(model.eval(), tokenizer, test, params.eval.max_new_tokens, params.eval.batch_size)
         metrics.update({f"{name}_{key}": value for key, value in scores.items()})
         metrics[f"{name}_seconds"] = time.perf_counter() - started

@@ -18,6 +18,7 @@ from stages.config import Params
 from stages.errors import DataError, RolloutError
 from stages.generation import sample
 from stages.groups import check_groups
+from stages.memory import memory_named
 from stages.modeling import autocast, check_context, context_limit, encode_prompts, eos_token_ids
 from stages.prepare import read_prompt_split
 
@@ -100,7 +101,12 @@ def rollout(params: Params, layout: Layout, iteration: int, model: PreTrainedMod
     target = layout.iteration(iteration) / "rollouts.parquet"  # checked to lie inside the run directory
     train = read_prompt_split(layout, "train")
     prompts = choose_prompts(train, params.rollout.prompts_per_iteration, params.seed, iteration)
-    rollouts = generate_rollouts(model, tokenizer, prompts, params, iteration, str(layout.prompt_split("train")))
+    cfg = params.rollout
+    with memory_named(f"the rollout of iteration {iteration}",
+                      f"{cfg.prompts_per_iteration} prompts x G {cfg.group_size} decoded at once, up to "
+                      f"{cfg.max_new_tokens} new tokens, vocabulary {model.config.vocab_size}",
+                      "lower rollout.prompts_per_iteration or rollout.max_new_tokens"):
+        rollouts = generate_rollouts(model, tokenizer, prompts, params, iteration, str(layout.prompt_split("train")))
     seconds = time.perf_counter() - started
     check_rollouts(rollouts, params.rollout.group_size, params.rollout.max_new_tokens)
     write_parquet(target, rollouts)

@@ -25,6 +25,7 @@ from stages.checkpoints import save_checkpoint
 from stages.config import Params
 from stages.errors import GroupError, NumericsError
 from stages.generation import shared_prompt_logprobs
+from stages.memory import memory_named
 from stages.modeling import autocast
 from stages.objective import grpo_loss, loss_normaliser
 from stages.rollout import iteration_seed
@@ -178,15 +179,27 @@ def policy_step(state: TrainState, batch: UpdateBatch, params: Params, iteration
     return {**stats, "loss": loss, "grad_norm": grad_norm.item()}
 
 
+def _memory_remedy(params: Params, with_grad: bool) -> str:
+    now = params.grpo.micro_batch_size or params.grpo.minibatch_size
+    remedy = f"lower grpo.micro_batch_size (now {now}; the same maths: the run resumes) or rollout.max_new_tokens"
+    if with_grad and not params.model.gradient_checkpointing:
+        remedy += ", or set model.gradient_checkpointing: true"
+    return remedy
+
+
 def update(params: Params, layout: Layout, iteration: int, state: TrainState,
            reference: PreTrainedModel | None) -> dict[str, float]:
     started = time.perf_counter()
     cfg = params.grpo
     batch = load_update_batch(layout, iteration, state.tokenizer.pad_token_id)
+    rows, width = batch.inputs.completion_ids.shape
+    micro = cfg.micro_batch_size or cfg.minibatch_size
+    shapes = (f"{micro} completions at a time of up to {width} tokens after prompts of up to "
+              f"{batch.inputs.prompt_ids.shape[1]}, vocabulary {state.model.config.vocab_size}")
     if cfg.beta != 0.0:  # with beta = 0 the reference is never run
-        with as_reference(reference) as frozen:  # with LoRA: the policy itself, adapters off
-            batch.ref_logp = reference_logprobs(frozen, batch, cfg.micro_batch_size or cfg.minibatch_size,
-                                                params.rollout.temperature, params.precision)
+        with (memory_named(f"the reference log-probs of iteration {iteration}", shapes, _memory_remedy(params, False)),
+              as_reference(reference) as frozen):  # with LoRA: the policy itself, adapters off
+            batch.ref_logp = reference_logprobs(frozen, batch, micro, params.rollout.temperature, params.precision)
     seconds_reference = time.perf_counter() - started
 
     # Dropout (the model's, LoRA's) draws from torch's global generator: seed it per iteration,
@@ -196,7 +209,8 @@ def update(params: Params, layout: Layout, iteration: int, state: TrainState,
     generator = torch.Generator().manual_seed(iteration_seed(params.seed, iteration, 2))
     steps: list[dict[str, float]] = []
     total = cfg.mu * (len(batch.advantages) // cfg.minibatch_size)
-    with tqdm(total=total, desc=f"update {iteration}", unit="step", disable=None, leave=False) as progress:
+    with (memory_named(f"the update of iteration {iteration}", shapes, _memory_remedy(params, True)),
+          tqdm(total=total, desc=f"update {iteration}", unit="step", disable=None, leave=False) as progress):
         for _ in range(cfg.mu):
             for rows in pass_order(batch.groups, cfg.minibatches, generator).split(cfg.minibatch_size):
                 steps.append(policy_step(state, batch.rows(rows), params, iteration))

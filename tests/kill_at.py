@@ -8,6 +8,8 @@ Points (each a real `kill -9` of this process, no cleanup runs):
   checkpoint  the checkpoint is written, the iteration's manifest is not
 And one that is not a kill:
   fsize       the process's file-size limit (`ulimit -f`) drops to 1 kB as the checkpoint is saved
+  memory      the address space (`ulimit -v`) is capped at what is mapped while the
+              reference log-probs are computed: a real failed allocation
 
 The product has no fault hooks; this wraps its functions from outside, like a debugger would.
 """
@@ -59,6 +61,23 @@ def arm(point: str, iteration: int) -> None:
             if target.name == f"{iteration:04d}":
                 resource.setrlimit(resource.RLIMIT_FSIZE, (1000, resource.RLIM_INFINITY))
         wrap(stages.update, "save_checkpoint", before=limit)
+    elif point == "memory":
+        original = stages.update.reference_logprobs
+
+        def starved(*args, **kwargs):  # only this call runs short of memory; the run's exit does not
+            limits = resource.getrlimit(resource.RLIMIT_AS)
+            if current_iteration.get("value") == iteration:
+                with open("/proc/self/statm") as statm:
+                    mapped = int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+                resource.setrlimit(resource.RLIMIT_AS, (mapped, limits[1]))
+            try:
+                return original(*args, **kwargs)
+            finally:
+                resource.setrlimit(resource.RLIMIT_AS, limits)
+
+        current_iteration = {}
+        wrap(flows.train, "update", before=lambda params, layout, i, *_: current_iteration.update(value=i))
+        stages.update.reference_logprobs = starved
     else:
         raise SystemExit(f"unknown point {point!r}")
 

@@ -347,6 +347,31 @@ def test_a_file_size_limit_hit_by_a_checkpoint_is_one_line_and_the_same_command_
     assert outcome(root) == outcome(uninterrupted)
 
 
+def test_an_allocation_that_fails_is_one_line_naming_the_knob_and_a_smaller_micro_batch_resumes(
+        prepared, uninterrupted, env, tmp_path):
+    """A real failed allocation: the address space capped at what is mapped while iteration 3's
+    reference log-probs are computed (glibc asked to map every block of 4 kB or more, so none
+    comes from memory freed earlier). The micro-batch size is memory, not maths: the run resumes
+    after iteration 2 under a smaller one (its later steps round differently, within float error)."""
+    root = workspace(prepared, tmp_path, "memory")
+    starved = subprocess.run([sys.executable, str(HERE / "kill_at.py"), "memory", "3", "train", "--params",
+                              str(root / "params.yaml"), "--root", str(root)], cwd=ROOT,
+                             env={**env, "GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=4096"},
+                             capture_output=True, text=True, timeout=300)
+    assert starved.returncode == 1, starved.stderr[-3000:]
+    line = error_line(starved.stderr)
+    assert line.startswith("error: out of memory in the reference log-probs of iteration 3 (8 completions at a "
+                           "time of up to "), line
+    assert line.endswith("lower grpo.micro_batch_size (now 8; the same maths: the run resumes) or "
+                         "rollout.max_new_tokens"), line
+    intact(root)
+    assert not done(root, 3) and not Layout(root).checkpoint(3).exists()
+    code, _, err = finish(start(root, env, "--set", "grpo.micro_batch_size=4"))
+    assert code == 0, err[-3000:]
+    assert "resuming after iteration 2" in err
+    assert outcome(root)["iterations.csv"]["iteration"] == outcome(uninterrupted)["iterations.csv"]["iteration"]
+
+
 # ----------------------------------------------------------------------------- Ctrl-C and kill
 
 
