@@ -47,6 +47,7 @@ class BuiltinTask(Section):
 class DataConfig(Section):
     source: str = Field(min_length=1)  # "builtin" or a path to a Parquet/JSONL file
     test_fraction: float = Field(gt=0, lt=1)  # held-out share of a user's file
+    system_prompt: str  # a system message before every prompt (through the chat template); empty: none
     builtin: BuiltinTask
 
 

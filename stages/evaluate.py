@@ -19,11 +19,11 @@ from stages.rewards import accuracy, format_reward
 
 
 def greedy_completions(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
-                       max_new_tokens: int, batch_size: int) -> list[str]:
+                       max_new_tokens: int, batch_size: int, system: str = "") -> list[str]:
     completions: list[str] = []
     eos = eos_token_ids(model, tokenizer)
     for start in range(0, len(prompts), batch_size):
-        ids = encode_prompts(tokenizer, prompts[start:start + batch_size])
+        ids = encode_prompts(tokenizer, prompts[start:start + batch_size], system)
         out = sample(model, ids, group_size=1, max_new_tokens=max_new_tokens, eos_ids=eos,
                      pad_id=tokenizer.pad_token_id, greedy=True)
         completions += tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
@@ -31,9 +31,9 @@ def greedy_completions(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
 
 
 def held_out_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, test: pd.DataFrame,
-                    max_new_tokens: int, batch_size: int) -> dict[str, float]:
+                    max_new_tokens: int, batch_size: int, system: str = "") -> dict[str, float]:
     prompts = test["prompt"].tolist()
-    completions = greedy_completions(model, tokenizer, prompts, max_new_tokens, batch_size)
+    completions = greedy_completions(model, tokenizer, prompts, max_new_tokens, batch_size, system)
     correct = accuracy(prompts, completions, answer=test["answer"].tolist())
     formatted = format_reward(prompts, completions)
     return {"accuracy": sum(correct) / len(correct), "format_rate": sum(formatted) / len(formatted)}
@@ -55,13 +55,14 @@ def evaluate(params: Params, layout: Layout) -> dict[str, float]:
         limit = context_limit(model.config, params.model)
         if limit is not None:  # eval.max_new_tokens is not checked by any earlier stage against this model
             labels = [f"{layout.prompt_split('test')} prompt_id {pid!r}" for pid in test["prompt_id"]]
-            check_context(encode_prompts(tokenizer, test["prompt"].tolist()), labels,
+            check_context(encode_prompts(tokenizer, test["prompt"].tolist(), params.data.system_prompt), labels,
                           params.eval.max_new_tokens, "eval.max_new_tokens", *limit)
         with (memory_named(f"the evaluation of models/{name}",
                            f"{params.eval.batch_size} prompts decoded at once, up to {params.eval.max_new_tokens} "
                            f"new tokens, vocabulary {model.config.vocab_size}", "lower eval.batch_size"),
               autocast(device, params.precision)):
-            scores = held_out_scores(model.eval(), tokenizer, test, params.eval.max_new_tokens, params.eval.batch_size)
+            scores = held_out_scores(model.eval(), tokenizer, test, params.eval.max_new_tokens, params.eval.batch_size,
+                                     params.data.system_prompt)
         metrics.update({f"{name}_{key}": value for key, value in scores.items()})
         metrics[f"{name}_seconds"] = time.perf_counter() - started
     metrics["accuracy_gain"] = metrics["policy_accuracy"] - metrics["reference_accuracy"]

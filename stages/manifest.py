@@ -30,6 +30,7 @@ def training_fingerprint(params: Params, layout: Layout) -> dict[str, str]:
     """
     shaping = params.model_dump(mode="json", include={"seed", "device", "precision", "rollout", "reward", "grpo"})
     shaping["lora"] = params.model.lora.model_dump(mode="json")  # what is trained
+    shaping["system_prompt"] = params.data.system_prompt  # part of every prompt the policy sees
     shaping["grpo"].pop("iterations")
     shaping["reward"].pop("timeout_seconds")  # how long a reward may take, not what it computes
     shaping["grpo"].pop("micro_batch_size")  # how a step's rows are cut for memory: the same step

@@ -245,17 +245,18 @@ def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) ->
     return sorted(i for i in ids if i is not None)
 
 
-def prompt_text(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
-    """The text the policy continues: the chat template when the tokenizer has one."""
+def prompt_text(tokenizer: PreTrainedTokenizerBase, prompt: str, system: str = "") -> str:
+    """The text the policy continues: the chat template when the tokenizer has one (with the
+    `system` message first, if any); else the system text, the prompt and a newline."""
     if tokenizer.chat_template:
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True,
-        )
-    return prompt + "\n"
+        messages = [{"role": "system", "content": system}] if system else []
+        return tokenizer.apply_chat_template(messages + [{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    return (f"{system}\n" if system else "") + prompt + "\n"
 
 
-def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> list[list[int]]:
-    texts = [prompt_text(tokenizer, p) for p in prompts]
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str], system: str = "") -> list[list[int]]:
+    texts = [prompt_text(tokenizer, p, system) for p in prompts]
     # A chat template already carries the special tokens it wants.
     return tokenizer(texts, add_special_tokens=not tokenizer.chat_template)["input_ids"]
 

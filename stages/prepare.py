@@ -86,6 +86,21 @@ def split_answer(answer: str) -> tuple[str, str]:
     return final.strip().replace(",", ""), reasoning.strip()
 
 
+def check_final_answers(answers: pd.Series, path: Path) -> None:
+    """A file in GSM8K's format (any answer with `#### final`) must end every answer so: a row
+    without one would be scored against its whole worked solution, and never be right."""
+    marked = answers.str.contains("####", regex=False)
+    if not marked.any():
+        return
+    finals = answers.str.rpartition("####")[2].str.strip()
+    bad = ~marked | (finals == "")
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise DataError(f"data.source: {path} row {row}: 'answer' has no final answer after '####' "
+                        f"(GSM8K's format, which {int(marked.sum())} of its {len(answers)} rows use): "
+                        f"{one_line(answers.iloc[row], 80)!r}")
+
+
 def read_user_file(path: Path) -> pd.DataFrame:
     if not path.exists():
         raise DataError(f"data.source: file not found: {path}")
@@ -129,10 +144,13 @@ def user_problems(path: Path) -> pd.DataFrame:
     frame = read_user_file(path).reset_index(drop=True)
     if frame.empty:
         raise DataError(f"data.source: {path} has no rows")
+    if "prompt" not in frame.columns and "question" in frame.columns:  # GSM8K's name for it
+        frame = frame.rename(columns={"question": "prompt"})
     for column in ("prompt", "answer"):
         if column not in frame.columns:
             columns = ", ".join(map(str, frame.columns))
-            raise DataError(f"data.source: {path} has no '{column}' column (columns: {columns})")
+            also = " (or GSM8K's 'question')" if column == "prompt" else ""
+            raise DataError(f"data.source: {path} has no '{column}' column{also} (columns: {columns})")
         missing = frame[column].isna() | (frame[column].astype(str).str.strip() == "")
         if missing.any():
             raise DataError(f"data.source: {path} row {int(np.flatnonzero(missing)[0])}: empty '{column}'")
@@ -156,6 +174,7 @@ def user_problems(path: Path) -> pd.DataFrame:
         ids = pd.Series([f"row-{i}" for i in range(len(frame))])
     if len(frame) < 2:
         raise DataError(f"data.source: {path} needs at least 2 rows to hold some out for testing")
+    check_final_answers(frame["answer"].astype(str), path)
     finals, reasonings = zip(*(split_answer(str(a)) for a in frame["answer"]))
     return pd.DataFrame({
         "prompt_id": ids.to_numpy(),
@@ -198,7 +217,8 @@ def check_prompts_fit(problems: pd.DataFrame, labels: list[str], params: Params,
         return
     budget_key, budget = max([("rollout.max_new_tokens", params.rollout.max_new_tokens),
                               ("eval.max_new_tokens", params.eval.max_new_tokens)], key=lambda item: item[1])
-    check_context(encode_prompts(tokenizer, problems["prompt"].tolist()), labels, budget, budget_key, *limit)
+    check_context(encode_prompts(tokenizer, problems["prompt"].tolist(), params.data.system_prompt), labels, budget,
+                  budget_key, *limit)
 
 
 def read_prompt_split(layout: Layout, split: str) -> pd.DataFrame:

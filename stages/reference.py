@@ -71,7 +71,8 @@ def check_prompts_fit(tokenizer: PreTrainedTokenizerBase, limit: tuple[int, str]
                                       ("test", "eval.max_new_tokens", params.eval.max_new_tokens)):
         frame = read_prompt_split(layout, split)
         labels = [f"{layout.prompt_split(split)} prompt_id {pid!r}" for pid in frame["prompt_id"]]
-        check_context(encode_prompts(tokenizer, frame["prompt"].tolist()), labels, budget, budget_key, *limit)
+        check_context(encode_prompts(tokenizer, frame["prompt"].tolist(), params.data.system_prompt), labels, budget,
+                      budget_key, *limit)
 
 
 def reference(params: Params, layout: Layout) -> dict[str, float]:

@@ -38,7 +38,7 @@ def choose_prompts(train: pd.DataFrame, count: int, seed: int, iteration: int) -
 def generate_rollouts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: pd.DataFrame,
                       params: Params, iteration: int, source: str = "data/prompts/train.parquet") -> pd.DataFrame:
     cfg = params.rollout
-    prompt_ids = encode_prompts(tokenizer, prompts["prompt"].tolist())
+    prompt_ids = encode_prompts(tokenizer, prompts["prompt"].tolist(), params.data.system_prompt)
     # rollout.max_new_tokens may have grown since `reference` checked the prompts against the model.
     limit = context_limit(model.config, params.model)
     if limit is not None:

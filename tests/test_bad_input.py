@@ -395,8 +395,9 @@ CASES = {
                                    setup=write("user/bad.jsonl", '{"prompt": "a", "answer": 1}\n\n{"prompt": x}\n')),
     "data-line-not-an-object": bad_file(APP, "list.jsonl", " line 2 is a JSON list, expected an object",
                                         setup=write("user/list.jsonl", '{"prompt": "a", "answer": "1"}\n["b", "2"]\n')),
-    "data-no-prompt-column": bad_file(PROCESS, "q.jsonl", " has no 'prompt' column (columns: question, answer)",
-                                      table=[{"question": "1+1", "answer": "2"}] * 3),
+    "data-no-prompt-column": bad_file(PROCESS, "q.jsonl",
+                                      " has no 'prompt' column (or GSM8K's 'question') (columns: text, answer)",
+                                      table=[{"text": "1+1", "answer": "2"}] * 3),
     "data-no-answer-column": bad_file(PROCESS, "a.jsonl", " has no 'answer' column",
                                       table=[{"prompt": "1+1", "solution": "2"}] * 3),
     "data-null-prompt": bad_file(APP, "n.jsonl", " row 1: empty 'prompt'",
@@ -410,6 +411,12 @@ CASES = {
     "data-duplicate-ids": bad_file(PROCESS, "ids.jsonl", " row 4: duplicate prompt_id 'p1' (first in row 1)",
                                    table=[*good(4), {"prompt_id": "p1", "prompt": "1+9", "answer": "10"}]),
     "data-one-row": bad_file(APP, "one.jsonl", " needs at least 2 rows", table=good(1)),
+    "data-gsm8k-answer-without-a-final-answer": bad_file(
+        PROCESS, "gsm8k.jsonl", " row 2: 'answer' has no final answer after '####' (GSM8K's format, which 4 of its "
+        "5 rows use): 'She sold 48 clips, then half as many: 72.'",
+        table=[{"question": f"Q{i}?", "answer": f"{i} and {i} #### {2 * i}"} for i in range(2)]
+        + [{"question": "Q2?", "answer": "She sold 48 clips, then half as many: 72."},
+           {"question": "Q3?", "answer": "So 3 + 3 = ####"}, {"question": "Q4?", "answer": "#### 8"}]),
     "data-fewer-prompts-than-an-iteration": bad_file(
         APP, "few.jsonl", " leaves 3 training prompts after holding out 3 (data.test_fraction=0.5), "
                           "fewer than rollout.prompts_per_iteration=4",

@@ -74,7 +74,8 @@ def test_a_gsm8k_style_jsonl_file_is_split_into_answer_and_reasoning(tiny_params
 @pytest.mark.parametrize("content, message", [
     (None, "file not found"),
     ("", "has no rows"),
-    ('{"question": "1+1", "answer": "2"}\n{"question": "1+2", "answer": "3"}\n', "has no 'prompt' column"),
+    ('{"text": "1+1", "answer": "2"}\n{"text": "1+2", "answer": "3"}\n',
+     "has no 'prompt' column \\(or GSM8K's 'question'\\)"),
     ('{"prompt": "1+1", "answer": "2"}\n{"prompt": null, "answer": "3"}\n', "row 1: empty 'prompt'"),
     ('{"prompt_id": "a", "prompt": "1+1", "answer": "2"}\n{"prompt_id": "a", "prompt": "1+2", "answer": "3"}\n',
      "row 1: duplicate prompt_id 'a'"),
