@@ -13,40 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tokenizers import AddedToken, Tokenizer, decoders, models
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import ROOT, clean_env, outcome, prepare_tiny_project, start_prefect_server, stop
 from stages.artifacts import Layout
 from test_resume import train, workspace
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from workload import model_directory  # noqa: E402  (a ChatML directory, as a user's download looks)
+
 VOCABULARY = 32_000
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 ADAPTED = ("q_proj", "v_proj")
 REWARD = "def digits(prompts, completions, **_):\n    return [sum(c.isdigit() for c in text) / 4 for text in completions]\n"
-
-
-def chat_model_directory(path: Path) -> Path:
-    """As a user's Hub download looks: characters plus 31,800 subword entries this text never
-    produces (the vocabulary's size is what costs), ChatML turns, tied embeddings."""
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    characters = [chr(c) for c in range(32, 127)] + ["\n"]
-    vocab = {token: i for i, token in enumerate(specials + characters)}
-    vocab |= {f"##w{i}": len(vocab) + i for i in range(VOCABULARY - len(vocab))}
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
-    core.decoder = decoders.Fuse()
-    core.add_special_tokens([AddedToken(t, special=True) for t in specials])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tokenizer.chat_template = CHAT_TEMPLATE
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +40,7 @@ def prepared(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora")
     (root / "lora_rewards.py").write_text(REWARD)
     sys.path.insert(0, str(root))  # params name the user's reward module: it must import here too
-    model = chat_model_directory(root / "user-model")
+    model = model_directory(root / "user-model", VOCABULARY, hidden=64, layers=2)
     assert len(AutoTokenizer.from_pretrained(model)) == VOCABULARY
     return prepare_tiny_project(root, 3, [
         f"model.path={model}", "model.lora.r=4", "model.lora.alpha=8", f"model.lora.target_modules={list(ADAPTED)}",
