@@ -62,19 +62,18 @@ class StagePeaks:
         self.stage, self._started = stage, now
 
 
-def inputs_for(work: Path, vocabulary: int, overrides: list[str]) -> Path:
-    """Prompts and reference for a vocabulary, through the real prepare and reference stages."""
+def inputs_for(root: Path, vocabulary: int, overrides: list[str], hidden: int = 256, layers: int = 4) -> Path:
+    """Prompts and reference for a model shape in `root`, through the real prepare and reference stages."""
     from stages.artifacts import Layout
     from stages.config import load_params
     from stages.prepare import prepare
     from stages.reference import reference
     from workload import gsm8k_style_prompts, model_directory
 
-    root = work / f"v{vocabulary}"
     if (Layout(root).reference / "config.json").is_file():
         return root
     root.mkdir(parents=True, exist_ok=True)
-    model = model_directory(root / "user-model", vocabulary)
+    model = model_directory(root / "user-model", vocabulary, hidden=hidden, layers=layers)
     prompts = gsm8k_style_prompts(root / "prompts.jsonl")
     params = load_params(ROOT / "params.yaml", [*overrides, f"model.path={model}", f"data.source={prompts}"])
     prepare(params, Layout(root))
@@ -97,7 +96,7 @@ def run_point(vocabulary: int, max_new_tokens: int, micro_batch_size: int, work:
     from stages.update import TrainState, make_optimizer, update
 
     overrides = [*SHAPE, f"rollout.max_new_tokens={max_new_tokens}", f"grpo.micro_batch_size={micro_batch_size}"]
-    inputs = inputs_for(work, vocabulary, overrides)
+    inputs = inputs_for(work / f"v{vocabulary}", vocabulary, overrides)
     params = load_params(ROOT / "params.yaml", [*overrides, f"model.path={inputs / 'user-model'}",
                                                 f"data.source={inputs / 'prompts.jsonl'}"])
     configure_threads(params)
