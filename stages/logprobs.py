@@ -137,8 +137,14 @@ class Readout:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self.model = model
+        # Weakly: `readout` keeps one Readout per model in a WeakKeyDictionary, whose values must
+        # not hold their key alive (every model a process ever read from would stay in memory).
+        self._model = weakref.ref(model)
         self.body, self.head = _exact_head(model) or (None, None)
+
+    @property
+    def model(self) -> nn.Module:
+        return self._model()
 
     def states(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, keep: int = 0,
                cache: Cache | None = None) -> Tensor:

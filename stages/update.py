@@ -192,7 +192,7 @@ def update(params: Params, layout: Layout, iteration: int, state: TrainState,
     started = time.perf_counter()
     cfg = params.grpo
     batch = load_update_batch(layout, iteration, state.tokenizer.pad_token_id)
-    rows, width = batch.inputs.completion_ids.shape
+    width = batch.inputs.completion_ids.shape[1]
     micro = cfg.micro_batch_size or cfg.minibatch_size
     shapes = (f"{micro} completions at a time of up to {width} tokens after prompts of up to "
               f"{batch.inputs.prompt_ids.shape[1]}, vocabulary {state.model.config.vocab_size}")

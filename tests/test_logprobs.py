@@ -128,3 +128,15 @@ def test_a_large_vocabulary_never_makes_a_tensor_of_every_positions_logits(monke
     # The largest tensors are the head's weight and its gradient (vocabulary × hidden 32), not
     # the batch's logits (vocabulary × 66 positions).
     assert largest.most == vocab * model.config.hidden_size < rows * width * vocab
+
+
+def test_a_model_read_from_is_not_kept_alive_by_its_readout():
+    import gc
+    import weakref
+
+    model = tiny_llama(tie=True)
+    readout(model)
+    gone = weakref.ref(model)
+    del model
+    gc.collect()
+    assert gone() is None
