@@ -12,6 +12,7 @@ At a small vocabulary the whole batch is one chunk.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import weakref
 
@@ -98,8 +99,13 @@ def cache_argument(model: nn.Module, cache: Cache | None) -> dict[str, Cache | N
     older `past_key_values` still works but warns at every call; `past_key_values` before that."""
     if hasattr(model, "get_base_model"):  # peft's wrapper takes **kwargs: ask the model it wraps
         model = model.get_base_model()
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    return {name: cache}
+    return {_cache_name(type(model)): cache}
+
+
+@functools.cache
+def _cache_name(model_class: type) -> str:
+    # Once per class: the decode loop asks at every step.
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 @torch.compiler.disable  # a probe, not a shape worth a compiled graph (and a recompile) of its own
