@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -36,18 +37,19 @@ from flows.signals import Interrupted, StopAtBoundary
 from flows.tracking import Tracker, services_wait_seconds
 from stages.advantage import advantage
 from stages.artifacts import Layout
-from stages.adapters import add_adapters, load_adapters, save_policy
-from stages.checkpoints import load_optimizer_state, prune
+from stages.adapters import save_policy
+from stages.checkpoints import prune
 from stages.config import Params
 from stages.errors import PipelineError, StoppedError
-from stages.manifest import (checkpoint_path, completed_iterations, discard_after, read_manifest, recover_set_aside,
-                             redoing, resume_point, training_fingerprint, write_manifest)
-from stages.modeling import (compile_forward, compute_dtype, configure_threads, dtype_for,
-                             enable_gradient_checkpointing, load_model, load_tokenizer, resolve_device)
+from stages.manifest import (completed_iterations, discard_after, read_manifest, recover_set_aside, redoing,
+                             resume_point, training_fingerprint, write_manifest)
+from stages.modeling import compile_forward, configure_threads
+from stages.distributed import needs_ray, uses_ray
+from stages.policy import load_reference, load_train_state
 from stages.report import write_training_metrics
 from stages.reward import reward
 from stages.rollout import rollout
-from stages.update import TrainState, make_optimizer, update
+from stages.update import TrainState, update
 
 
 def transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -104,15 +106,37 @@ def readable_logs() -> Iterator[None]:
 STAGE = dict(cache_policy=NO_CACHE, persist_result=False)
 
 
+@dataclass
+class InProcess:
+    """Where the stages run with every `distributed` default: the policy, its reference and the
+    optimizer in this process. `flows.cluster.Cluster` is the same two calls on Ray."""
+
+    state: TrainState
+    reference: PreTrainedModel | None
+
+    def rollout(self, params: Params, layout: Layout, iteration: int) -> dict[str, Any]:
+        return rollout(params, layout, iteration, self.state.model, self.state.tokenizer)
+
+    def update(self, params: Params, layout: Layout, iteration: int) -> dict[str, Any]:
+        return update(params, layout, iteration, self.state, self.reference)
+
+    def save_policy(self, params: Params, layout: Layout) -> None:
+        save_policy(self.state.model, self.state.tokenizer, layout.policy)
+
+
 @task(name="rollout", task_run_name="rollout-{iteration:04d}", retries=2, retry_delay_seconds=1,
       retry_condition_fn=transient, **STAGE)
-def rollout_task(params: Params, layout: Layout, iteration: int, state: TrainState) -> dict[str, Any]:
-    return rollout(params, layout, iteration, state.model, state.tokenizer)
+def rollout_task(params: Params, layout: Layout, iteration: int, engine: Any) -> dict[str, Any]:
+    return engine.rollout(params, layout, iteration)
 
 
 @task(name="reward", task_run_name="reward-{iteration:04d}", retries=2, retry_delay_seconds=1,
       retry_condition_fn=transient, **STAGE)
 def reward_task(params: Params, layout: Layout, iteration: int) -> dict[str, Any]:
+    if params.reward.workers:
+        from flows.cluster import score_in_parallel
+        return reward(params.reward, layout, iteration, params.rollout.group_size,
+                      score_in_parallel(params.reward.workers))
     return reward(params.reward, layout, iteration, params.rollout.group_size)
 
 
@@ -122,46 +146,25 @@ def advantage_task(params: Params, layout: Layout, iteration: int) -> dict[str, 
 
 
 @task(name="update", task_run_name="update-{iteration:04d}", **STAGE)  # no retries: it steps the optimizer
-def update_task(params: Params, layout: Layout, iteration: int, state: TrainState,
-                reference: PreTrainedModel | None) -> dict[str, Any]:
-    return update(params, layout, iteration, state, reference)
+def update_task(params: Params, layout: Layout, iteration: int, engine: Any) -> dict[str, Any]:
+    return engine.update(params, layout, iteration)
 
 
-def run_iteration(params: Params, layout: Layout, iteration: int, state: TrainState,
-                  reference: PreTrainedModel | None, stops: StopAtBoundary) -> dict[str, Any]:
+def run_iteration(params: Params, layout: Layout, iteration: int, engine: Any, stops: StopAtBoundary) -> dict[str, Any]:
     started = time.perf_counter()
     # quote(): Prefect otherwise walks every field of these objects on each task call, looking
     # for futures to resolve (~1 ms a task); they hold none, and arrive unwrapped.
-    params, layout, state, reference = quote(params), quote(layout), quote(state), quote(reference)
+    params, layout, engine = quote(params), quote(layout), quote(engine)
     metrics: dict[str, Any] = {}
-    metrics |= rollout_task(params, layout, iteration, state)
+    metrics |= rollout_task(params, layout, iteration, engine)
     stops.check(f"rollout-{iteration:04d}")
     metrics |= reward_task(params, layout, iteration)
     stops.check(f"reward-{iteration:04d}")
     metrics |= advantage_task(params, layout, iteration)
     stops.check(f"advantage-{iteration:04d}")
-    metrics |= update_task(params, layout, iteration, state, reference)
+    metrics |= update_task(params, layout, iteration, engine)
     metrics["seconds/iteration"] = time.perf_counter() - started
     return metrics
-
-
-def load_train_state(params: Params, layout: Layout, start: int) -> TrainState:
-    device = resolve_device(params)
-    compute_dtype(device, params.precision)  # a precision this machine cannot run: refused before any work
-    source = checkpoint_path(layout, start)
-    # fp32 master weights: AdamW on bf16 weights loses small updates. bf16 comes from autocast.
-    if params.model.lora.r:  # the reference's weights, frozen, and adapters: fresh, or the checkpoint's
-        base = load_model(layout.reference, params.model, device, dtype=torch.float32)
-        model = load_adapters(base, source) if start else add_adapters(base, params.model.lora, params.seed)
-        model.eval()
-    else:
-        model = load_model(source, params.model, device, dtype=torch.float32).eval()
-    if params.model.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    state = TrainState(model, load_tokenizer(source, params.model.trust_remote_code), make_optimizer(model, params))
-    if start:
-        load_optimizer_state(state.optimizer, source)
-    return state
 
 
 def describe(metrics: dict[str, Any]) -> str:
@@ -223,12 +226,37 @@ def train_iterations(params: Params, layout: Layout, run_name: str | None,
     done = done[:start]
     if start:
         logger.info("resuming after iteration %d (its outputs and checkpoint match this run)", start)
+    with stage_engine(params, layout, start, logger) as engine:
+        stops.check("loading the models")
+        return run_from(params, layout, run_name, stops, fingerprint, start, done, engine)
+
+
+@contextmanager
+def stage_engine(params: Params, layout: Layout, start: int, logger: Any) -> Iterator[Any]:
+    """Where rollout and update run from iteration `start` on: this process (every `distributed`
+    default), or the processes `flows.cluster` places on Ray. Ray is imported only when used."""
+    if not needs_ray(params):
+        yield in_process(params, layout, start, logger)
+        return
+    from flows.cluster import Cluster, logical_cpus, ray_session
+
+    with ray_session(params.distributed, logical_cpus(params)):
+        if not uses_ray(params):  # only the reward scorers are Ray's
+            yield in_process(params, layout, start, logger)
+            return
+        d = params.distributed
+        logger.info("on Ray: %d trainer(s) (%s), %d rollout worker(s), max_lag %d, %d reward worker(s)",
+                    d.trainers, d.strategy, d.rollout_workers, params.rollout.max_lag, params.reward.workers)
+        cluster = Cluster(params, layout, start)
+        try:
+            yield cluster
+        finally:
+            cluster.close()
+
+
+def in_process(params: Params, layout: Layout, start: int, logger: Any) -> InProcess:
     state = load_train_state(params, layout, start)
-    reference = None
-    if params.grpo.beta != 0.0:  # with LoRA the policy is the reference too, its adapters disabled
-        reference = state.model if params.model.lora.r else load_model(
-            layout.reference, params.model, state.model.device,
-            dtype=dtype_for(state.model.device, params.precision)).eval()
+    reference = load_reference(params, layout, state)
     if params.compile:
         separate = reference is not None and reference is not state.model
         logger.info("compiling the forward of the policy%s (compile: true): the first iterations take longer",
@@ -236,7 +264,12 @@ def train_iterations(params: Params, layout: Layout, run_name: str | None,
         compile_forward(state.model)
         if separate:
             compile_forward(reference)
-    stops.check("loading the models")
+    return InProcess(state, reference)
+
+
+def run_from(params: Params, layout: Layout, run_name: str | None, stops: StopAtBoundary, fingerprint: dict[str, str],
+             start: int, done: list[dict[str, Any]], engine: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    logger = get_run_logger()
 
     try:
         if earlier := report_earlier_end(layout):
@@ -254,17 +287,19 @@ def train_iterations(params: Params, layout: Layout, run_name: str | None,
             started_from = done[-1]["checkpoint"] if done else fingerprint["reference"]
             # Until this iteration's manifest is written, whatever its folders held before is kept aside.
             with redoing(layout, iteration):
-                metrics = run_iteration(params, layout, iteration, state, reference, stops)
+                metrics = run_iteration(params, layout, iteration, engine, stops)
                 write_manifest(layout, iteration, fingerprint, started_from, metrics)
             done.append(read_manifest(layout, iteration))
-            prune(layout.runs / "checkpoints", params.checkpoints.keep_last, newest=iteration)
+            # A resumed lagged run samples its look-ahead from the last max_lag + 1 checkpoints.
+            keep = max(params.checkpoints.keep_last, params.rollout.max_lag + 1)
+            prune(layout.runs / "checkpoints", keep, newest=iteration)
             summary = write_training_metrics(layout, done)
             tracker.log_iteration(iteration, metrics)
             logger.info("iteration %d/%d: %s", iteration, params.grpo.iterations, describe(summary))
             if iteration < params.grpo.iterations:
                 stops.check(f"iteration {iteration}")
         discard_after(layout, params.grpo.iterations)  # what an earlier, longer run left past this one's end
-        save_policy(state.model, state.tokenizer, layout.policy)
+        engine.save_policy(params, layout)
         summary = write_training_metrics(layout, done)
     except (StoppedError, Interrupted):
         tracker.finish("KILLED")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -14,8 +15,11 @@ OPTIMIZER_FILE = "optimizer.pt"
 
 
 def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                    optimizer: torch.optim.Optimizer, target: Path) -> None:
-    state = optimizer.state_dict()
+                    optimizer: torch.optim.Optimizer | dict[str, Any], target: Path,
+                    weights: dict[str, torch.Tensor] | None = None) -> None:
+    """`optimizer`: the optimizer, or its state dict; `weights`: the model's state dict when its own
+    parameters are not whole (FSDP2 shards)."""
+    state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
 
     def save_optimizer(staging: Path) -> None:
         # Plain tensors and numbers only, so it loads with weights_only=True (no pickle of code).
@@ -24,12 +28,15 @@ def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
         with open(staging / OPTIMIZER_FILE, "wb") as file:
             torch.save(state, file)
 
-    save_model(model, tokenizer, target, extra=save_optimizer, extra_bytes=tensor_bytes(state))
+    save_model(model, tokenizer, target, extra=save_optimizer, extra_bytes=tensor_bytes(state), state_dict=weights)
+
+
+def read_optimizer_state(checkpoint: Path) -> dict[str, Any]:
+    return torch.load(checkpoint / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, checkpoint: Path) -> None:
-    state = torch.load(checkpoint / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state)
+    optimizer.load_state_dict(read_optimizer_state(checkpoint))
 
 
 def prune(checkpoints_dir: Path, keep_last: int, newest: int) -> list[Path]:

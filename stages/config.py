@@ -87,6 +87,9 @@ class RolloutConfig(Section):
     temperature: float = Field(gt=0)
     top_p: float = Field(gt=0, le=1)
     max_new_tokens: int = Field(gt=0)
+    # Iteration i is sampled by the policy after iteration i - 1 - max_lag: generation runs
+    # that far ahead of the update. 0 = on-policy, today's loop.
+    max_lag: int = Field(ge=0)
 
 
 class RewardConfig(Section):
@@ -94,12 +97,30 @@ class RewardConfig(Section):
     target_language: str
     custom: list[str]  # "package.module:function"
     timeout_seconds: float = Field(gt=0)  # per call of one reward function on one iteration's completions
+    workers: int = Field(ge=0)  # Ray workers scoring an iteration's groups in parallel; 0 = in this process
 
     @field_validator("target_language")
     @classmethod
     def _known_language(cls, value: str) -> str:
         if value not in SCRIPTS:
             raise ValueError(f"unknown language {value!r} (known: {', '.join(sorted(SCRIPTS))})")
+        return value
+
+
+class DistributedConfig(Section):
+    # "": a local Ray instance, started and stopped by the run; "auto": the cluster `ray start`
+    # made on this machine; "ray://host:port" (Ray Client) or "host:port" (its GCS): a cluster.
+    address: str = Field(pattern=r"^(|auto|(ray://)?[A-Za-z0-9_.\-\[\]:]+:[0-9]{1,5})$")
+    trainers: int = Field(ge=1)  # processes in the update's torch.distributed group
+    strategy: Literal["ddp", "fsdp"]  # ddp: a full replica per trainer; fsdp: FSDP2-sharded parameters
+    rollout_workers: int = Field(ge=1)  # processes that generate, each whole prompt groups
+
+    @field_validator("address", mode="before")
+    @classmethod
+    def _address_shape(cls, value: Any) -> Any:
+        if isinstance(value, str) and value and value != "auto" and ":" not in value.removeprefix("ray://"):
+            raise ValueError(f"{value!r} is not an address: use '' (a local Ray instance), 'auto', "
+                             f"'ray://host:port' or 'host:port'")
         return value
 
 
@@ -144,6 +165,7 @@ class Params(Section):
     rollout: RolloutConfig
     reward: RewardConfig
     grpo: GRPOConfig
+    distributed: DistributedConfig
     eval: EvalConfig
     checkpoints: CheckpointConfig
 
@@ -158,6 +180,23 @@ class Params(Section):
         micro = self.grpo.micro_batch_size
         if micro and self.grpo.minibatch_size % micro:
             raise ValueError(f"grpo.micro_batch_size={micro} must divide grpo.minibatch_size={self.grpo.minibatch_size}")
+        return self
+
+    @model_validator(mode="after")
+    def _work_divides_among_processes(self) -> Params:
+        trainers, workers = self.distributed.trainers, self.distributed.rollout_workers
+        if self.grpo.minibatch_size % trainers:
+            raise ValueError(f"grpo.minibatch_size={self.grpo.minibatch_size} must be divisible by "
+                             f"distributed.trainers={trainers}: each trainer takes an equal share of every minibatch")
+        micro, share = self.grpo.micro_batch_size, self.grpo.minibatch_size // trainers
+        if micro and share % micro:
+            raise ValueError(f"grpo.micro_batch_size={micro} must divide each trainer's share of a minibatch, "
+                             f"grpo.minibatch_size / distributed.trainers = {share}")
+        if self.rollout.prompts_per_iteration < workers:
+            raise ValueError(f"distributed.rollout_workers={workers} exceeds rollout.prompts_per_iteration="
+                             f"{self.rollout.prompts_per_iteration}: each worker generates whole prompt groups")
+        if self.rollout.max_lag > self.grpo.iterations:
+            raise ValueError(f"rollout.max_lag={self.rollout.max_lag} exceeds grpo.iterations={self.grpo.iterations}")
         return self
 
     @model_validator(mode="after")

@@ -72,3 +72,7 @@ class ServiceError(PipelineError, RuntimeError):
 
 class OutOfMemoryError(PipelineError, MemoryError):
     """An allocation that failed (CPU or GPU), naming the stage, the shapes and the knobs to lower."""
+
+
+class WorkerError(PipelineError, RuntimeError):
+    """A process of the cluster (trainer rank, rollout worker, reward scorer, Ray node) died or failed."""

@@ -173,6 +173,7 @@ def shared_prompt_logprobs(
     completion_mask: torch.Tensor,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    share: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`completion_logprobs`, with each distinct prompt run once and its KV cache shared by its rows.
 
@@ -187,7 +188,7 @@ def shared_prompt_logprobs(
     # prompt from (a recomputed layer must not write it twice): each row runs whole instead.
     checkpointing = model.training and torch.is_grad_enabled() and any(
         getattr(module, "gradient_checkpointing", False) for module in model.modules())
-    if len(unique) == len(prompt_ids) or checkpointing:  # nothing shared (one forward is cheaper), or no cache
+    if len(unique) == len(prompt_ids) or checkpointing or not share:  # nothing shared (one forward is cheaper), or no cache
         return completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
                                    temperature, with_entropy)
     width = prompt_ids.shape[1]

@@ -25,14 +25,18 @@ def training_fingerprint(params: Params, layout: Layout) -> dict[str, str]:
     """Everything an iteration's result depends on, except the checkpoint it starts from.
 
     `grpo.iterations` is left out (a longer run extends a shorter one), and so are eval,
-    checkpoint retention, the reward timeout and the micro-batch size, which do not change what
-    an iteration computes (a micro-batched step rounds differently, within float error).
+    checkpoint retention, the reward timeout and workers, the trainers and the micro-batch size,
+    which do not change what an iteration computes (a micro-batched step rounds differently, within float error).
     """
     shaping = params.model_dump(mode="json", include={"seed", "device", "precision", "rollout", "reward", "grpo"})
     shaping["lora"] = params.model.lora.model_dump(mode="json")  # what is trained
     shaping["system_prompt"] = params.data.system_prompt  # part of every prompt the policy sees
     shaping["grpo"].pop("iterations")
     shaping["reward"].pop("timeout_seconds")  # how long a reward may take, not what it computes
+    shaping["reward"].pop("workers")  # where rewards are computed, not what they are
+    # The draws are seeded per rollout worker's share; the trainers' count and strategy only
+    # change how a step's sums are split (within float error), like the micro-batch size.
+    shaping["rollout_workers"] = params.distributed.rollout_workers
     shaping["grpo"].pop("micro_batch_size")  # how a step's rows are cut for memory: the same step
     return {
         "params": value_digest(shaping),

@@ -273,18 +273,19 @@ def tensor_bytes(tensors: Any) -> int:
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path,
-               extra: Callable[[Path], None] | None = None, extra_bytes: int = 0) -> None:
+               extra: Callable[[Path], None] | None = None, extra_bytes: int = 0,
+               state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """save_pretrained (safetensors) and the tokenizer, and whatever `extra` writes into the
     directory (about `extra_bytes`), in a sibling directory swapped in at the end: never half
     a model, and a full disk is one line."""
 
     def fill(staging: Path) -> None:
-        model.save_pretrained(staging, safe_serialization=True)
+        model.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(staging)
         if extra is not None:
             extra(staging)
 
-    write_dir(Path(target), fill, needed=lambda: tensor_bytes(model.state_dict()) + extra_bytes)
+    write_dir(Path(target), fill, needed=lambda: tensor_bytes(state_dict or model.state_dict()) + extra_bytes)
 
 
 # Where configs of the common architectures keep their context length.

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -119,14 +119,19 @@ def reward_metrics(rewards: pd.DataFrame, components: list[str]) -> dict[str, fl
     return metrics
 
 
-def reward(cfg: RewardConfig, layout: Layout, iteration: int, group_size: int | None = None) -> dict[str, float]:
-    """Score one iteration's rollouts; pass `group_size` (rollout.group_size) to check groups against it."""
+Scorer = Callable[[pd.DataFrame, RewardConfig, "int | None", str], pd.DataFrame]
+
+
+def reward(cfg: RewardConfig, layout: Layout, iteration: int, group_size: int | None = None,
+           score: Scorer = score_rollouts) -> dict[str, float]:
+    """Score one iteration's rollouts; pass `group_size` (rollout.group_size) to check groups against it.
+    `score` is `score_rollouts` here, or the same spread over Ray workers (`flows.cluster`)."""
     started = time.perf_counter()
     folder = layout.iteration(iteration)
     source = folder / "rollouts.parquet"
     rollouts = pd.read_parquet(source, columns=["prompt_id", "sample", "prompt", "answer", "completion"])
     try:
-        rewards = score_rollouts(rollouts, cfg, group_size, str(source))
+        rewards = score(rollouts, cfg, group_size, str(source))
     except RewardError as error:  # which iteration's file to open to reproduce it
         raise RewardError(f"{source}: {error}") from None
     write_parquet(folder / "rewards.parquet", rewards)

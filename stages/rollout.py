@@ -35,8 +35,28 @@ def choose_prompts(train: pd.DataFrame, count: int, seed: int, iteration: int) -
     return train.iloc[np.sort(rows)].reset_index(drop=True)
 
 
+def sampling_seed(seed: int, iteration: int, share: int = 0) -> int:
+    """The sampling generator's seed for one rollout worker's share (share 0: the single process's)."""
+    if share == 0:
+        return iteration_seed(seed, iteration, 1)
+    return int(np.random.SeedSequence([seed, iteration, 1, share]).generate_state(1)[0])
+
+
+def worker_shares(prompts: pd.DataFrame, workers: int) -> list[pd.DataFrame]:
+    """The iteration's prompts cut into `workers` contiguous shares: each worker owns whole groups,
+    so advantages need no communication, and the rows come back in the single process's order."""
+    return [prompts.iloc[rows] for rows in np.array_split(np.arange(len(prompts)), workers)]
+
+
+def sampling_checkpoint(iteration: int, max_lag: int) -> int:
+    """The checkpoint whose policy samples `iteration`: the one after iteration - 1 - max_lag
+    (0: the policy before any update). The schedule, not timing, decides it."""
+    return max(0, iteration - 1 - max_lag)
+
+
 def generate_rollouts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: pd.DataFrame,
-                      params: Params, iteration: int, source: str = "data/prompts/train.parquet") -> pd.DataFrame:
+                      params: Params, iteration: int, source: str = "data/prompts/train.parquet",
+                      share: int = 0) -> pd.DataFrame:
     cfg = params.rollout
     prompt_ids = encode_prompts(tokenizer, prompts["prompt"].tolist(), params.data.system_prompt)
     # rollout.max_new_tokens may have grown since `reference` checked the prompts against the model.
@@ -44,7 +64,7 @@ def generate_rollouts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     if limit is not None:
         check_context(prompt_ids, [f"{source} prompt_id {pid!r}" for pid in prompts["prompt_id"]],
                       cfg.max_new_tokens, "rollout.max_new_tokens", *limit)
-    generator = torch.Generator(model.device).manual_seed(iteration_seed(params.seed, iteration, 1))
+    generator = torch.Generator(model.device).manual_seed(sampling_seed(params.seed, iteration, share))
     model.eval()
     # Sampled under the update's precision: the first step's ratio is then 1, not a precision gap.
     with autocast(model.device, params.precision):
@@ -95,19 +115,33 @@ def check_rollouts(rollouts: pd.DataFrame, group_size: int, max_new_tokens: int)
                                f"sample={culprit['sample']} {what} (length {culprit['completion_length']})")
 
 
+def iteration_prompts(params: Params, layout: Layout, iteration: int) -> pd.DataFrame:
+    return choose_prompts(read_prompt_split(layout, "train"), params.rollout.prompts_per_iteration, params.seed,
+                          iteration)
+
+
+def generate_share(params: Params, layout: Layout, iteration: int, prompts: pd.DataFrame, model: PreTrainedModel,
+                   tokenizer: PreTrainedTokenizerBase, share: int = 0) -> pd.DataFrame:
+    """One worker's rollouts (the single process's: all prompts, share 0)."""
+    cfg = params.rollout
+    with memory_named(f"the rollout of iteration {iteration}",
+                      f"{len(prompts)} prompts x G {cfg.group_size} decoded at once, up to "
+                      f"{cfg.max_new_tokens} new tokens, vocabulary {model.config.vocab_size}",
+                      "lower rollout.prompts_per_iteration or rollout.max_new_tokens"):
+        return generate_rollouts(model, tokenizer, prompts, params, iteration, str(layout.prompt_split("train")), share)
+
+
 def rollout(params: Params, layout: Layout, iteration: int, model: PreTrainedModel,
             tokenizer: PreTrainedTokenizerBase) -> dict[str, float]:
     started = time.perf_counter()
+    rollouts = generate_share(params, layout, iteration, iteration_prompts(params, layout, iteration), model, tokenizer)
+    return write_rollouts(params, layout, iteration, rollouts, time.perf_counter() - started)
+
+
+def write_rollouts(params: Params, layout: Layout, iteration: int, rollouts: pd.DataFrame,
+                   seconds: float) -> dict[str, float]:
+    """Check an iteration's rollouts (from one process or the workers' shares, in order) and write them."""
     target = layout.iteration(iteration) / "rollouts.parquet"  # checked to lie inside the run directory
-    train = read_prompt_split(layout, "train")
-    prompts = choose_prompts(train, params.rollout.prompts_per_iteration, params.seed, iteration)
-    cfg = params.rollout
-    with memory_named(f"the rollout of iteration {iteration}",
-                      f"{cfg.prompts_per_iteration} prompts x G {cfg.group_size} decoded at once, up to "
-                      f"{cfg.max_new_tokens} new tokens, vocabulary {model.config.vocab_size}",
-                      "lower rollout.prompts_per_iteration or rollout.max_new_tokens"):
-        rollouts = generate_rollouts(model, tokenizer, prompts, params, iteration, str(layout.prompt_split("train")))
-    seconds = time.perf_counter() - started
     check_rollouts(rollouts, params.rollout.group_size, params.rollout.max_new_tokens)
     write_parquet(target, rollouts)
     lengths = rollouts["completion_length"]

@@ -10,7 +10,7 @@ backward) is done once for all of them.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -23,6 +23,8 @@ from stages.artifacts import Layout, write_json
 from stages.batching import CompletionBatch, pad_to
 from stages.checkpoints import save_checkpoint
 from stages.config import Params
+from stages.distributed import (LogprobReader, Rank, accumulating, all_sum, all_sum_tensor, full_optimizer_state,
+                                full_state_dict, is_sharded, plain)
 from stages.errors import GroupError, NumericsError
 from stages.generation import shared_prompt_logprobs
 from stages.memory import memory_named
@@ -33,11 +35,21 @@ from stages.rollout import iteration_seed
 
 @dataclass
 class TrainState:
-    """What the update mutates, held in memory across iterations."""
+    """What the update mutates, held in memory across iterations.
+
+    In a trainer group (`stages.distributed`) `reader` is the policy's read-out wrapped by DDP
+    or FSDP2 and `rank` says which share of each minibatch is this process's.
+    """
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     optimizer: torch.optim.Optimizer
+    rank: Rank = field(default_factory=Rank)
+    reader: torch.nn.Module | None = None
+
+    def __post_init__(self) -> None:
+        if self.reader is None:
+            self.reader = LogprobReader(self.model)
 
 
 def make_optimizer(model: PreTrainedModel, params: Params) -> torch.optim.Optimizer:
@@ -113,18 +125,21 @@ def pass_order(groups: torch.Tensor, minibatches: str, generator: torch.Generato
 
 @torch.inference_mode()
 def reference_logprobs(reference: PreTrainedModel, batch: UpdateBatch, chunk: int, temperature: float,
-                       precision: str = "auto") -> torch.Tensor:
-    """The frozen reference's log-probs of every completion token, computed once per iteration."""
+                       precision: str = "auto", rank: Rank = Rank()) -> torch.Tensor:
+    """The frozen reference's log-probs of every completion token, computed once per iteration.
+
+    In a trainer group each rank computes its share of the rows and the shares are summed
+    into every rank's copy (adding the zeros elsewhere is exact)."""
     device = reference.device
     rows, width = len(batch.advantages), batch.inputs.completion_ids.shape[1]
     ref_logp = torch.zeros((rows, width))
     # Rows are grouped by prompt in rollouts.parquet, so a chunk shares few prompts among many rows.
-    for start in range(0, rows, chunk):
-        inputs = batch.rows(torch.arange(start, min(start + chunk, rows))).inputs.to(device)
+    for chunk_rows in rank.share(torch.arange(rows)).split(chunk):
+        inputs = batch.rows(chunk_rows).inputs.to(device)
         with autocast(device, precision):
             logp, _ = shared_prompt_logprobs(reference, *inputs.as_inputs(), temperature=temperature)
-        ref_logp[start:start + chunk, :logp.shape[1]] = logp.float().cpu()
-    return ref_logp
+        ref_logp[chunk_rows, :logp.shape[1]] = logp.float().cpu()
+    return all_sum_tensor(ref_logp, rank)
 
 
 def micro_step(state: TrainState, batch: UpdateBatch, params: Params, normaliser: float) -> dict[str, float]:
@@ -135,8 +150,7 @@ def micro_step(state: TrainState, batch: UpdateBatch, params: Params, normaliser
     cfg, device = params.grpo, state.model.device
     inputs = batch.inputs.to(device)
     with autocast(device, params.precision):
-        logp, entropy = shared_prompt_logprobs(state.model, *inputs.as_inputs(),
-                                               temperature=params.rollout.temperature, with_entropy=True)
+        logp, entropy = state.reader(*inputs.as_inputs(), temperature=params.rollout.temperature, with_entropy=True)
     mask = inputs.completion_mask.float()
     ref_logp = None
     if batch.ref_logp is not None:
@@ -148,8 +162,10 @@ def micro_step(state: TrainState, batch: UpdateBatch, params: Params, normaliser
         batch.advantages.to(device), mask, eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta,
         loss_agg=cfg.loss_agg, max_new_tokens=params.rollout.max_new_tokens, normaliser=normaliser,
     )
-    if torch.isfinite(loss):  # a non-finite loss is refused by the caller, before the optimizer steps
-        loss.backward()
+    # A non-finite loss is refused by the caller, before the optimizer steps. In a trainer group
+    # every rank runs its backward regardless: the others wait for its gradients.
+    if torch.isfinite(loss) or state.rank.world > 1:
+        (loss * state.rank.gradient_scale).backward()
     ratio = torch.exp(logp.detach().float() - batch.old_logp.to(device))
     return {**stats, "loss": loss.item(), "entropy": float((entropy * mask).sum() / mask.sum()),
             "ratio_mean": float((ratio * mask).sum() / mask.sum()), "tokens": float(mask.sum())}
@@ -157,26 +173,32 @@ def micro_step(state: TrainState, batch: UpdateBatch, params: Params, normaliser
 
 def policy_step(state: TrainState, batch: UpdateBatch, params: Params, iteration: int) -> dict[str, float]:
     """One optimizer step on a minibatch, in micro-batches of `grpo.micro_batch_size` rows whose
-    gradients add up to the whole minibatch's (`loss_normaliser` is the minibatch's)."""
+    gradients add up to the whole minibatch's (`loss_normaliser` is the minibatch's). In a
+    trainer group this rank's micro-batches are cut from its share of the minibatch."""
     cfg = params.grpo
-    rows = len(batch.advantages)
+    mine = state.rank.share(torch.arange(len(batch.advantages)))
     normaliser = loss_normaliser(cfg.loss_agg, batch.inputs.completion_mask, params.rollout.max_new_tokens)
     state.optimizer.zero_grad(set_to_none=True)
-    parts = [micro_step(state, batch.rows(part), params, normaliser)
-             for part in torch.arange(rows).split(cfg.micro_batch_size or rows)]
-    loss = sum(part.pop("loss") for part in parts)
+    pieces = mine.split(cfg.micro_batch_size or len(mine))
+    parts = []
+    for number, piece in enumerate(pieces):
+        with accumulating(state.reader, last=number == len(pieces) - 1):
+            parts.append(micro_step(state, batch.rows(piece), params, normaliser))
+    # Each statistic is a mean over tokens: weigh each micro-batch's (each rank's) by its tokens.
+    keys = sorted(key for key in parts[0] if key not in ("loss", "tokens"))
+    sums = all_sum([sum(part["loss"] for part in parts), sum(part["tokens"] for part in parts),
+                    *(sum(part[key] * part["tokens"] for part in parts) for key in keys)], state.rank)
+    loss, tokens = sums[0], sums[1]
     if not np.isfinite(loss):
         state.optimizer.zero_grad(set_to_none=True)
         raise NumericsError(f"iteration {iteration}: the loss is {loss}; the previous checkpoint is kept")
-    grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.max_grad_norm)
+    grad_norm = plain(torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.max_grad_norm))
     if not torch.isfinite(grad_norm):
         raise NumericsError(f"iteration {iteration}: the gradient norm is {grad_norm.item()}; the previous checkpoint is kept")
     state.optimizer.step()
-    # Each statistic is a mean over tokens: weigh each micro-batch's by its tokens.
-    weights = [part.pop("tokens") for part in parts]
-    stats = parts[0] if len(parts) == 1 else {
-        key: sum(part[key] * weight for part, weight in zip(parts, weights)) / sum(weights) for key in parts[0]}
-    return {**stats, "loss": loss, "grad_norm": grad_norm.item()}
+    stats = parts[0] if len(parts) == 1 and state.rank.world == 1 else {
+        key: total / tokens for key, total in zip(keys, sums[2:])}
+    return {**{key: stats[key] for key in keys}, "loss": loss, "grad_norm": grad_norm.item()}
 
 
 def _memory_remedy(params: Params, with_grad: bool) -> str:
@@ -199,11 +221,13 @@ def update(params: Params, layout: Layout, iteration: int, state: TrainState,
     if cfg.beta != 0.0:  # with beta = 0 the reference is never run
         with (memory_named(f"the reference log-probs of iteration {iteration}", shapes, _memory_remedy(params, False)),
               as_reference(reference) as frozen):  # with LoRA: the policy itself, adapters off
-            batch.ref_logp = reference_logprobs(frozen, batch, micro, params.rollout.temperature, params.precision)
+            batch.ref_logp = reference_logprobs(frozen, batch, micro, params.rollout.temperature, params.precision,
+                                                state.rank)
     seconds_reference = time.perf_counter() - started
 
     # Dropout (the model's, LoRA's) draws from torch's global generator: seed it per iteration,
-    # so a resumed iteration draws what the uninterrupted one did.
+    # so a resumed iteration draws what the uninterrupted one did (in a trainer group each rank
+    # draws for its own rows: the same distribution, other draws).
     torch.manual_seed(iteration_seed(params.seed, iteration, 3))
     state.model.train()
     generator = torch.Generator().manual_seed(iteration_seed(params.seed, iteration, 2))
@@ -217,9 +241,13 @@ def update(params: Params, layout: Layout, iteration: int, state: TrainState,
                 progress.update()
     state.model.eval()
 
-    save_checkpoint(state.model, state.tokenizer, state.optimizer, layout.checkpoint(iteration))
+    # Under FSDP2 gathering the whole weights and optimizer state is collective: every rank takes part.
+    weights = full_state_dict(state.reader, state.model) if is_sharded(state.reader) else None
+    optimizer_state = full_optimizer_state(state.reader, state.optimizer)
     metrics = {key: float(np.mean([s[key] for s in steps if key in s])) for key in steps[0]}
-    metrics.update({"optimizer_steps": len(steps), "seconds/reference": seconds_reference,
-                    "seconds/update": time.perf_counter() - started})
-    write_json(layout.iteration(iteration) / "update.json", metrics)
+    if state.rank.rank == 0:  # one writer; with several machines, runs/ must be on a shared filesystem
+        save_checkpoint(state.model, state.tokenizer, optimizer_state, layout.checkpoint(iteration), weights)
+        metrics.update({"optimizer_steps": len(steps), "seconds/reference": seconds_reference,
+                        "seconds/update": time.perf_counter() - started})
+        write_json(layout.iteration(iteration) / "update.json", metrics)
     return metrics

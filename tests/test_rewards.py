@@ -60,7 +60,7 @@ def _rollouts(completions, answer="8"):
 
 
 def test_total_is_the_weighted_sum_of_the_components():
-    cfg = RewardConfig(weights={"accuracy": 1.0, "format": 0.5}, target_language="en", custom=[], timeout_seconds=60)
+    cfg = RewardConfig(weights={"accuracy": 1.0, "format": 0.5}, target_language="en", custom=[], timeout_seconds=60, workers=0)
     scored = score_rollouts(_rollouts(["<think>1 + 7 = 8</think><answer>8</answer>", "8", "12"]), cfg)
     assert scored["accuracy"].tolist() == [1.0, 1.0, 0.0]
     assert scored["format"].tolist() == [1.0, 0.0, 0.0]
@@ -98,7 +98,7 @@ def user_rewards(tmp_path, monkeypatch):
 
 def _cfg(name, timeout_seconds=60.0):
     return RewardConfig(weights={"accuracy": 1.0, name: 2.0}, target_language="en", custom=[f"my_rewards:{name}"],
-                        timeout_seconds=timeout_seconds)
+                        timeout_seconds=timeout_seconds, workers=0)
 
 
 def test_a_user_reward_is_imported_by_dotted_path_and_weighted(user_rewards):
