@@ -97,16 +97,16 @@ def test_reward_workers_score_as_in_process(one_iteration, local_ray):
 
 
 def test_a_raising_reward_on_a_worker_is_named_with_its_completion(one_iteration, local_ray, monkeypatch):
-    rewards = one_iteration / "my_scale_rewards.py"
-    rewards.write_text("def picky(prompts, completions, prompt_id, sample, **_):\n"
-                       "    return [1 / 0 if (p, s) == (prompt_id[-1], 2) else 0.0\n"
-                       "            for p, s in zip(prompt_id, sample)]\n")
+    rollouts = pd.read_parquet(Layout(one_iteration).iteration(1) / "rollouts.parquet")
+    last = rollouts["prompt_id"].iloc[-1]  # in the second worker's share
+    (one_iteration / "my_scale_rewards.py").write_text(
+        "def picky(prompts, completions, prompt_id, sample, **_):\n"
+        f"    return [1 / 0 if (p, s) == ({last!r}, 2) else 0.0 for p, s in zip(prompt_id, sample)]\n")
     monkeypatch.syspath_prepend(str(one_iteration))
     monkeypatch.chdir(one_iteration)
     params = load_params(one_iteration / "params.yaml", ["reward.custom=[my_scale_rewards:picky]",
                                                          "reward.weights.picky=1"])
-    rollouts = pd.read_parquet(Layout(one_iteration).iteration(1) / "rollouts.parquet")
-    with pytest.raises(RewardError, match=rf"reward 'picky' raised on prompt_id={rollouts['prompt_id'].iloc[-1]!r} "
+    with pytest.raises(RewardError, match=rf"reward 'picky' raised on prompt_id={last!r} "
                                           r"sample=2: ZeroDivisionError"):
         score_in_parallel(2)(rollouts, params.reward, params.rollout.group_size, "rollouts.parquet")
 
