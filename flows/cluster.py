@@ -37,13 +37,13 @@ import numpy as np
 import pandas as pd
 import ray
 import torch
-from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
+from ray.exceptions import RayActorError, RayError, RayTaskError
 
 from stages.adapters import save_policy
 from stages.artifacts import Layout
 from stages.manifest import checkpoint_path
 from stages.config import DistributedConfig, Params, RewardConfig
-from stages.distributed import Rank, full_state_dict, join_group, leaving_group, uses_ray
+from stages.distributed import Rank, full_state_dict, join_group, uses_ray
 from stages.errors import PipelineError, WorkerError, one_line
 from stages.modeling import compile_forward, load_tokenizer, resolve_device
 from stages.policy import load_policy, load_reference, load_train_state
@@ -139,9 +139,6 @@ class Trainer:
     def ready(self) -> bool:
         return True
 
-    def host(self) -> str:
-        return ray.util.get_node_ip_address()
-
     def update(self, params: Params, iteration: int, with_weights: bool) -> tuple[dict[str, float], Any]:
         """The update of `iteration`; rank 0's metrics and (if asked) its new weights for the rollout workers."""
         metrics = update(params, self.layout, iteration, self.state, self.reference)
@@ -150,10 +147,6 @@ class Trainer:
             weights = {key: value.detach().cpu() for key, value in
                        full_state_dict(self.state.reader, self.state.model).items()}
         return metrics, (weights if self.rank.rank == 0 else None)
-
-    def leave(self) -> None:
-        with leaving_group():
-            pass
 
 
 @ray.remote
@@ -248,13 +241,13 @@ class Cluster:
         if d.trainers > 1 and params.distributed.address:  # rank 0's address, reachable from the other nodes
             host = ray.util.get_node_ip_address()
         gpu = {"num_gpus": 1} if cuda else {}
-        self.trainers = [Trainer.options(name=None, num_cpus=1, **gpu).remote(
+        self.trainers = [Trainer.options(num_cpus=1, **gpu).remote(
             rank, d.trainers, host, port, params, layout, start, threads) for rank in range(d.trainers)]
         self.workers = [RolloutWorker.options(num_cpus=1, **gpu).remote(params, layout, threads)
                         for _ in range(d.rollout_workers)]
         self.pending: dict[int, tuple[int, dict[str, Any]]] = {}  # iteration -> (sampling checkpoint, refs)
         try:
-            wait({**{f"trainer rank {r}": t.ready.remote() for r, t in enumerate(self.trainers)}})
+            wait({f"trainer rank {r}": t.ready.remote() for r, t in enumerate(self.trainers)})
             for iteration in range(start + 1, min(start + 1 + self.max_lag, params.grpo.iterations) + 1):
                 checkpoint = sampling_checkpoint(iteration, self.max_lag)
                 weights = ray.put(load_policy(params, layout, checkpoint, torch.device("cpu")).state_dict())

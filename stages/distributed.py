@@ -17,10 +17,10 @@ wrap is `LogprobReader`, whose forward is the whole read-out.
 from __future__ import annotations
 
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -198,12 +198,3 @@ def load_full_optimizer_state(reader: nn.Module, optimizer: torch.optim.Optimize
                "param_groups": [{**group, "params": [names[number] for number in group["params"]]}
                                 for group in state["param_groups"]]}
     set_optimizer_state_dict(reader, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
-
-
-@contextmanager
-def leaving_group() -> Iterator[None]:
-    try:
-        yield
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()

@@ -4,7 +4,6 @@ and tasks, one thread each so that they share this machine's two cores."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -12,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import psutil
 import pytest
