@@ -162,7 +162,7 @@ def ray_processes(role: str) -> list[psutil.Process]:
     return found
 
 
-def test_a_lagged_run_is_deterministic_names_a_killed_trainer_and_resumes_to_the_same_result(
+def test_a_lagged_run_is_deterministic_names_a_killed_process_and_resumes_to_the_same_result(
         lagged_project, env, tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     shutil.copytree(lagged_project, whole)
@@ -175,21 +175,23 @@ def test_a_lagged_run_is_deterministic_names_a_killed_trainer_and_resumes_to_the
     assert [m["metrics"]["rollout/sampled_by"] for m in manifests] == [0, 0, 1, 2]  # the schedule, on disk
     assert [m["metrics"]["rollout/lag"] for m in manifests] == [0, 1, 1, 1]
 
-    run = grpo_train(killed, env)
-    second = Layout(killed).iteration(2) / "manifest.json"
-    deadline = time.time() + 300
-    while not second.exists() and run.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    trainers = ray_processes("Trainer")
-    assert second.exists() and len(trainers) == 1, run.stderr.read() if run.poll() is not None else trainers
-    trainers[0].send_signal(signal.SIGKILL)
-    killed_at = time.time()
-    code = run.wait(timeout=120)
-    seconds = time.time() - killed_at
-    error = run.stderr.read().strip().splitlines()[-1]
-    assert code == 1 and error.startswith("error: trainer rank 0 died"), error
-    assert seconds < 60, f"the run noticed its dead trainer only after {seconds:.0f} s"
-    assert not ray_processes("Trainer") and not ray_processes("RolloutWorker"), "processes outlived the run"
+    # A rollout worker killed after iteration 1, then the trainer after iteration 2 of the resumed run.
+    for role, after, message in (("RolloutWorker", 1, "error: rollout worker "), ("Trainer", 2, "error: trainer rank 0 died")):
+        run = grpo_train(killed, env)
+        done = Layout(killed).iteration(after) / "manifest.json"
+        deadline, victims = time.time() + 300, []
+        while not (done.exists() and victims) and run.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+            victims = ray_processes(role)
+        assert done.exists() and victims, run.stderr.read() if run.poll() is not None else victims
+        victims[0].send_signal(signal.SIGKILL)
+        killed_at = time.time()
+        code = run.wait(timeout=120)
+        seconds = time.time() - killed_at
+        error = run.stderr.read().strip().splitlines()[-1]
+        assert code == 1 and error.startswith(message) and " died " in error, error
+        assert seconds < 60, f"the run noticed its dead {role} only after {seconds:.0f} s"
+        assert not ray_processes("Trainer") and not ray_processes("RolloutWorker"), "processes outlived the run"
 
     resumed = grpo_train(killed, env)
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
