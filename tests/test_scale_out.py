@@ -4,6 +4,7 @@ and tasks, one thread each so that they share this machine's two cores."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -162,14 +163,20 @@ def ray_processes(role: str) -> list[psutil.Process]:
     return found
 
 
-def test_a_lagged_run_is_deterministic_names_a_killed_process_and_resumes_to_the_same_result(
-        lagged_project, env, tmp_path):
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
+@pytest.fixture(scope="module")
+def lagged_whole(lagged_project, env, tmp_path_factory):
+    """The lagged run, uninterrupted."""
+    whole = tmp_path_factory.mktemp("lagged-whole") / "p"
     shutil.copytree(lagged_project, whole)
-    shutil.copytree(lagged_project, killed)
-
     run = grpo_train(whole, env)
     assert run.wait(timeout=600) == 0, run.stderr.read()
+    return whole
+
+
+def test_a_lagged_run_is_deterministic_names_a_killed_process_and_resumes_to_the_same_result(
+        lagged_project, lagged_whole, env, tmp_path):
+    whole, killed = lagged_whole, tmp_path / "killed"
+    shutil.copytree(lagged_project, killed)
     layout = Layout(whole)
     manifests = [read_json(layout.iteration(i) / "manifest.json") for i in range(1, 5)]
     assert [m["metrics"]["rollout/sampled_by"] for m in manifests] == [0, 0, 1, 2]  # the schedule, on disk
@@ -199,6 +206,27 @@ def test_a_lagged_run_is_deterministic_names_a_killed_process_and_resumes_to_the
     for i in range(1, 5):
         for name in ("rollouts.parquet", "rewards.parquet", "advantages.parquet"):
             assert (Layout(killed).iteration(i) / name).read_bytes() == (layout.iteration(i) / name).read_bytes()
+
+
+def test_dvc_repro_runs_the_lagged_run_to_the_same_policy(lagged_whole, env, tmp_path):
+    """The same params through `dvc repro` in a git + DVC project (prepare and reference are
+    reproducible, so the train stage on Ray must end where `grpo train` did)."""
+    repo = tmp_path / "repo"
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        if not name.startswith(("tests/", "benchmarks/")):
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, repo / name)
+    shutil.copy2(lagged_whole / "params.yaml", repo / "params.yaml")
+    dvc_env = {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
+               "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t",
+               "GIT_COMMITTER_EMAIL": "t@example.com"}
+    for command in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-q", "-m", "p"]):
+        subprocess.run(command, cwd=repo, env=dvc_env, check=True, capture_output=True)
+    run = subprocess.run(["dvc", "repro"], cwd=repo, env=dvc_env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "on Ray: 1 trainer(s) (ddp), 2 rollout worker(s), max_lag 1" in run.stdout + run.stderr
+    assert outcome(repo) == outcome(lagged_whole)
 
 
 def test_a_cluster_address_that_does_not_answer_is_one_line_before_any_work(lagged_project, env, tmp_path):
