@@ -29,6 +29,7 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -94,7 +95,7 @@ def ray_session(cfg: DistributedConfig, cpus: int) -> Iterator[None]:
         else:
             # Logical CPUs: one per process, so Ray places them all even on a 2-core machine;
             # threads are split by `threads_per_process`, not by Ray's accounting.
-            ray.init(address="local", num_cpus=cpus, include_dashboard=False,
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False, _temp_dir=ray_temp_dir(),
                      _node_ip_address="127.0.0.1", logging_level="ERROR", log_to_driver=True)
     except ConnectionError as error:
         raise WorkerError(f"distributed.address: {cfg.address!r}: {one_line(error)}") from None
@@ -105,6 +106,14 @@ def ray_session(cfg: DistributedConfig, cpus: int) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+def ray_temp_dir() -> str:
+    """Ray's folder for a local instance: `$TMPDIR/ray` as Ray's default, unless that is too long
+    for the Unix sockets Ray makes under it (107 bytes, ~70 of them Ray's own
+    `/ray/session_<date>_<pid>/sockets/plasma_store`): then /tmp/ray-<uid>."""
+    default = os.path.join(tempfile.gettempdir(), "ray")
+    return default if len(default) <= 36 else f"/tmp/ray-{os.getuid()}"
 
 
 def free_port() -> int:
