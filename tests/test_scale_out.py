@@ -238,3 +238,16 @@ def test_a_cluster_address_that_does_not_answer_is_one_line_before_any_work(lagg
     error = run.stderr.read().strip().splitlines()[-1]
     assert error.startswith(f"error: distributed.address: the Ray cluster at '127.0.0.1:{port}' does not answer"), error
     assert not (Layout(root).runs / "iterations").exists()
+
+
+def test_fsdp_on_a_model_without_transformer_blocks_to_shard_is_one_line(tiny_params):
+    from stages.distributed import Rank, distribute
+    from stages.errors import ModelError
+    from stages.modeling import build_tiny_model, build_tokenizer
+
+    model = build_tiny_model(tiny_params.model.tiny, build_tokenizer(), seed=0)
+    model._no_split_modules = []  # as a custom architecture that names none
+    with pytest.raises(ModelError, match=r"^distributed.strategy: fsdp cannot wrap LlamaForCausalLM: it names no "
+                                         r"transformer block class \(_no_split_modules\) to shard; use "
+                                         r"distributed.strategy: ddp$"):
+        distribute(model, "fsdp", Rank(0, 2))
