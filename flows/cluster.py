@@ -247,7 +247,7 @@ class Cluster:
         d = params.distributed
         cuda = resolve_device(params).type == "cuda"
         host, port = "127.0.0.1", free_port()
-        if d.trainers > 1 and params.distributed.address:  # rank 0's address, reachable from the other nodes
+        if d.trainers > 1 and d.address:  # rank 0's address, reachable from the other nodes
             host = ray.util.get_node_ip_address()
         gpu = {"num_gpus": 1} if cuda else {}
         self.trainers = [Trainer.options(num_cpus=1, **gpu).remote(

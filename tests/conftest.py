@@ -98,6 +98,23 @@ def prepare_tiny_project(root: Path, iterations: int, overrides: list[str] = ())
     return root
 
 
+def dvc_project(repo: Path, params_file: Path, env: dict[str, str]) -> dict[str, str]:
+    """This project's committed files (not tests/, benchmarks/) and `params_file` as a git repo at
+    `repo`, ready for `dvc repro`; returns the environment to run it in."""
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        if not name.startswith(("tests/", "benchmarks/")):
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, repo / name)
+    shutil.copy2(params_file, repo / "params.yaml")
+    dvc_env = {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
+               "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t",
+               "GIT_COMMITTER_EMAIL": "t@example.com"}
+    for command in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-q", "-m", "p"]):
+        subprocess.run(command, cwd=repo, env=dvc_env, check=True, capture_output=True)
+    return dvc_env
+
+
 def without_timings(frame_or_dict):
     """Wall-clock seconds are the one thing that differs between identical runs."""
     import pandas as pd

@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import ROOT, clean_env, outcome, prepare_tiny_project, start_prefect_server, stop, without_timings
+from conftest import ROOT, clean_env, dvc_project, outcome, prepare_tiny_project, start_prefect_server, stop, without_timings
 from stages.artifacts import Layout, file_digest
 
 ITERATIONS = 4
@@ -182,17 +182,7 @@ def test_a_run_killed_under_dvc_repro_resumes_to_the_uninterrupted_weights(unint
     there (they are reproducible too), the train stage's process SIGKILLed after iteration 2 (its
     pid is in runs/.lock), then `dvc repro` again."""
     repo = tmp_path / "repo"
-    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    for name in files:
-        if not name.startswith("tests/"):
-            (repo / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, repo / name)
-    shutil.copy2(uninterrupted / "params.yaml", repo / "params.yaml")
-    dvc_env = {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
-               "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t",
-               "GIT_COMMITTER_EMAIL": "t@example.com"}
-    for command in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-q", "-m", "p"]):
-        subprocess.run(command, cwd=repo, env=dvc_env, check=True, capture_output=True)
+    dvc_env = dvc_project(repo, uninterrupted / "params.yaml", env)
 
     dvc = subprocess.Popen(["dvc", "repro"], cwd=repo, env=dvc_env, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)

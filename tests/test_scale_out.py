@@ -4,7 +4,6 @@ and tasks, one thread each so that they share this machine's two cores."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -17,7 +16,7 @@ import psutil
 import pytest
 import torch
 
-from conftest import ROOT, clean_env, outcome, prepare_tiny_project, start_prefect_server, stop
+from conftest import ROOT, clean_env, dvc_project, outcome, prepare_tiny_project, start_prefect_server, stop
 from stages.advantage import advantage
 from stages.artifacts import Layout, read_json
 from stages.config import load_params
@@ -212,17 +211,7 @@ def test_dvc_repro_runs_the_lagged_run_to_the_same_policy(lagged_whole, env, tmp
     """The same params through `dvc repro` in a git + DVC project (prepare and reference are
     reproducible, so the train stage on Ray must end where `grpo train` did)."""
     repo = tmp_path / "repo"
-    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    for name in files:
-        if not name.startswith(("tests/", "benchmarks/")):
-            (repo / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, repo / name)
-    shutil.copy2(lagged_whole / "params.yaml", repo / "params.yaml")
-    dvc_env = {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
-               "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t",
-               "GIT_COMMITTER_EMAIL": "t@example.com"}
-    for command in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-q", "-m", "p"]):
-        subprocess.run(command, cwd=repo, env=dvc_env, check=True, capture_output=True)
+    dvc_env = dvc_project(repo, lagged_whole / "params.yaml", env)
     run = subprocess.run(["dvc", "repro"], cwd=repo, env=dvc_env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "on Ray: 1 trainer(s) (ddp), 2 rollout worker(s), max_lag 1" in run.stdout + run.stderr
