@@ -16,6 +16,9 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationI
 from stages.errors import ConfigError, one_line
 from stages.languages import SCRIPTS
 
+# `data.source` values naming a built-in task, and the language each asks its prompts in.
+BUILTIN_SOURCES = {"builtin": "en", "builtin-th": "th"}
+
 
 class Section(BaseModel):
     # NaN and inf pass `gt=0` checks (inf > 0) or poison every later number: refuse them here.
@@ -25,7 +28,7 @@ class Section(BaseModel):
     @classmethod
     def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
         # YAML reads yes/no/on/off as booleans, and pydantic would quietly take them as 1 and 0.
-        if isinstance(value, bool) and cls.model_fields[info.field_name].annotation in (int, float):
+        if isinstance(value, bool) and cls.model_fields[info.field_name].annotation in (int, float, float | None):
             raise ValueError(f"expected a number, got {str(value).lower()}")
         return value
 
@@ -36,6 +39,7 @@ class BuiltinTask(Section):
     min_operand: int = Field(ge=0)
     max_operand: int = Field(gt=0)
     slip_rate: float = Field(ge=0, le=1)  # share of SFT demonstrations with the answer's digits reversed
+    english_share: float = Field(ge=0, le=1)  # builtin-th: share of demonstrations reasoning in English
 
     @model_validator(mode="after")
     def _operands_ordered(self) -> BuiltinTask:
@@ -45,7 +49,7 @@ class BuiltinTask(Section):
 
 
 class DataConfig(Section):
-    source: str = Field(min_length=1)  # "builtin" or a path to a Parquet/JSONL file
+    source: str = Field(min_length=1)  # "builtin", "builtin-th" or a path to a Parquet/JSONL file
     test_fraction: float = Field(gt=0, lt=1)  # held-out share of a user's file
     system_prompt: str  # a system message before every prompt (through the chat template); empty: none
     builtin: BuiltinTask
@@ -81,6 +85,14 @@ class SFTConfig(Section):
     warmup_steps: int = Field(ge=0)
 
 
+class DynamicSampling(Section):
+    # zero_std: set aside groups whose completions' total rewards are all exactly equal and draw
+    # more prompts, in seeded rounds, until the iteration holds prompts_per_iteration groups with
+    # a signal or max_rounds rounds are spent (stages/dynamic_sampling.py). none: one draw.
+    filter: Literal["none", "zero_std"]
+    max_rounds: int = Field(ge=1)
+
+
 class RolloutConfig(Section):
     group_size: int = Field(ge=2)  # G: a group of one has no relative advantage
     prompts_per_iteration: int = Field(gt=0)
@@ -90,6 +102,7 @@ class RolloutConfig(Section):
     # Iteration i is sampled by the policy after iteration i - 1 - max_lag: generation runs
     # that far ahead of the update. 0 = on-policy, today's loop.
     max_lag: int = Field(ge=0)
+    dynamic_sampling: DynamicSampling
 
 
 class RewardConfig(Section):
@@ -98,6 +111,7 @@ class RewardConfig(Section):
     custom: list[str]  # "package.module:function"
     timeout_seconds: float = Field(gt=0)  # per call of one reward function on one iteration's completions
     workers: int = Field(ge=0)  # Ray workers scoring an iteration's groups in parallel; 0 = in this process
+    overlong_buffer: int = Field(ge=1)  # `overlong`: tokens before rollout.max_new_tokens where its penalty ramps
 
     @field_validator("target_language")
     @classmethod
@@ -139,8 +153,32 @@ class GRPOConfig(Section):
     eps_low: float = Field(gt=0, lt=1)
     eps_high: float = Field(gt=0)
     scale_rewards: Literal["group", "batch", "none"]
-    loss_agg: Literal["grpo", "dapo", "dr_grpo"]
+    loss_agg: Literal["grpo", "bnpo", "dapo", "dr_grpo"]
     max_grad_norm: float = Field(gt=0)
+    kl_estimator: Literal["k1", "k2", "k3"]  # Schulman's estimators of the KL to the reference
+    clip_ratio_c: float | None  # verl's dual clip: a negative advantage's loss is at most -A * clip_ratio_c; None: off
+    delta: float | None  # TRL's two-sided GRPO: the unclipped ratio capped at delta; None: off
+    importance_level: Literal["token", "sequence"]  # sequence: GSPO's one ratio per completion
+    policy_loss: Literal["ppo", "cispo"]  # cispo: the clipped ratio as a constant weight on A * logp
+    mask_truncated_completions: bool  # completions with finish_reason "length" carry no loss
+
+    @field_validator("clip_ratio_c", "delta")
+    @classmethod
+    def _a_ratio_bound_above_one(cls, value: float | None, info: ValidationInfo) -> float | None:
+        # verl asserts clip_ratio_c > 1. TRL does not check delta, but a delta <= 1 caps the
+        # on-policy ratio 1 itself: a positive advantage would then get no gradient at all.
+        if value is not None and value <= 1:
+            raise ValueError(f"must be greater than 1 (got {value}): it bounds the ratio pi/pi_old, "
+                             f"which is 1 on-policy; null turns it off")
+        return value
+
+    @model_validator(mode="after")
+    def _ratio_bounds_need_ppo(self) -> GRPOConfig:
+        for key in ("clip_ratio_c", "delta"):
+            if self.policy_loss != "ppo" and getattr(self, key) is not None:
+                raise ValueError(f"{key} applies to policy_loss ppo only (cispo clips its weight to "
+                                 f"[1 - eps_low, 1 + eps_high]); set it to null")
+        return self
 
 
 class EvalConfig(Section):
@@ -195,6 +233,10 @@ class Params(Section):
         if self.rollout.prompts_per_iteration < workers:
             raise ValueError(f"distributed.rollout_workers={workers} exceeds rollout.prompts_per_iteration="
                              f"{self.rollout.prompts_per_iteration}: each worker generates whole prompt groups")
+        if self.rollout.dynamic_sampling.filter != "none" and (trainers > 1 or workers > 1 or self.rollout.max_lag):
+            raise ValueError("rollout.dynamic_sampling.filter: zero_std scores each sampling round in this process, "
+                             "so it needs distributed.trainers 1, distributed.rollout_workers 1 and rollout.max_lag 0 "
+                             "(set filter: none to scale out)")
         if self.rollout.max_lag > self.grpo.iterations:
             raise ValueError(f"rollout.max_lag={self.rollout.max_lag} exceeds grpo.iterations={self.grpo.iterations}")
         return self
@@ -202,11 +244,19 @@ class Params(Section):
     @model_validator(mode="after")
     def _enough_prompts_for_an_iteration(self) -> Params:
         # A user's file is only counted by `prepare`; the built-in task's size is known here.
-        if self.data.source == "builtin" and self.rollout.prompts_per_iteration > self.data.builtin.train_size:
+        if self.data.source in BUILTIN_SOURCES and self.rollout.prompts_per_iteration > self.data.builtin.train_size:
             raise ValueError(
                 f"rollout.prompts_per_iteration={self.rollout.prompts_per_iteration} exceeds "
                 f"data.builtin.train_size={self.data.builtin.train_size}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _overlong_buffer_fits(self) -> Params:
+        # Only where the `overlong` reward is used: the buffer means nothing to a run without it.
+        if "overlong" in self.reward.weights and self.reward.overlong_buffer > self.rollout.max_new_tokens:
+            raise ValueError(f"reward.overlong_buffer={self.reward.overlong_buffer} exceeds "
+                             f"rollout.max_new_tokens={self.rollout.max_new_tokens}")
         return self
 
 

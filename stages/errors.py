@@ -74,5 +74,9 @@ class OutOfMemoryError(PipelineError, MemoryError):
     """An allocation that failed (CPU or GPU), naming the stage, the shapes and the knobs to lower."""
 
 
+class ReplayError(PipelineError, ValueError):
+    """An iteration that cannot be replayed or re-scored as asked (missing, altered, pruned)."""
+
+
 class WorkerError(PipelineError, RuntimeError):
     """A process of the cluster (trainer rank, rollout worker, reward scorer, Ray node) died or failed."""

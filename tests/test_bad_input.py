@@ -333,8 +333,9 @@ CASES = {
                                    overrides=["rollout.temperature=.inf"]),
     "params-top_p>1": Case(APP, ["params: rollout.top_p: Input should be less than or equal to 1"],
                            overrides=["rollout.top_p=1.5"]),
-    "params-unknown-loss_agg": Case(PROCESS, ["params: grpo.loss_agg: Input should be 'grpo', 'dapo' or 'dr_grpo'"],
-                                    overrides=["grpo.loss_agg=mean"]),
+    "params-unknown-loss_agg": Case(
+        PROCESS, ["params: grpo.loss_agg: Input should be 'grpo', 'bnpo', 'dapo' or 'dr_grpo'"],
+        overrides=["grpo.loss_agg=mean"]),
     "params-unknown-scale_rewards": Case(
         PROCESS, ["params: grpo.scale_rewards: Input should be 'group', 'batch' or 'none'"],
         overrides=["grpo.scale_rewards=max"]),

@@ -37,12 +37,23 @@ def test_overrides_are_parsed_as_yaml_values():
     ("grpo.eps_low=0", "grpo.eps_low: Input should be greater than 0"),
     ("grpo.beta=-0.1", "grpo.beta: Input should be greater than or equal to 0"),
     ("grpo.lr=0", "grpo.lr: Input should be greater than 0"),
-    ("grpo.loss_agg=mean", "grpo.loss_agg: Input should be 'grpo', 'dapo' or 'dr_grpo'"),
+    ("grpo.loss_agg=mean", "grpo.loss_agg: Input should be 'grpo', 'bnpo', 'dapo' or 'dr_grpo'"),
+    ("grpo.kl_estimator=k4", "grpo.kl_estimator: Input should be 'k1', 'k2' or 'k3'"),
+    ("grpo.importance_level=prompt", "grpo.importance_level: Input should be 'token' or 'sequence'"),
+    ("grpo.policy_loss=reinforce", "grpo.policy_loss: Input should be 'ppo' or 'cispo'"),
+    ("grpo.clip_ratio_c=1", "grpo.clip_ratio_c: must be greater than 1 (got 1.0)"),
+    ("grpo.clip_ratio_c=0.5", "grpo.clip_ratio_c: must be greater than 1 (got 0.5)"),
+    ("grpo.clip_ratio_c=yes", "grpo.clip_ratio_c: expected a number, got true"),
+    ("grpo.delta=-2", "grpo.delta: must be greater than 1 (got -2.0)"),
+    ("grpo.delta=1", "grpo.delta: must be greater than 1 (got 1.0)"),
+    ("grpo.mask_truncated_completions=sometimes", "grpo.mask_truncated_completions: Input should be a valid boolean"),
     ("grpo.scale_rewards=max", "grpo.scale_rewards: Input should be 'group', 'batch' or 'none'"),
     ("grpo.minibatch_size=100", "grpo.minibatch_size=100 must divide"),
     ("grpo.minibatches=prompts", "grpo.minibatches: Input should be 'groups' or 'completions'"),
     ("rollout.top_p=1.5", "rollout.top_p: Input should be less than or equal to 1"),
     ("reward.target_language=xx", "reward.target_language: unknown language 'xx'"),
+    ("reward.overlong_buffer=0", "reward.overlong_buffer: Input should be greater than or equal to 1"),
+    ("data.builtin.english_share=1.5", "data.builtin.english_share: Input should be less than or equal to 1"),
     ("device=tpu", "device: Input should be 'auto', 'cpu' or 'cuda'"),
     ("compile=sometimes", "compile: Input should be a valid boolean"),
     ("grpo.iterations=many", "grpo.iterations: Input should be a valid integer"),
@@ -52,6 +63,30 @@ def test_a_bad_value_is_one_line_naming_the_key(override, message):
         load_params(PARAMS, [override])
     assert message in str(error.value)
     assert "\n" not in str(error.value)
+
+
+def test_an_overlong_buffer_past_the_budget_is_refused_only_where_the_overlong_reward_is_weighted():
+    with pytest.raises(ConfigError, match=r"^params: reward.overlong_buffer=33 exceeds rollout.max_new_tokens=32$"):
+        load_params(PARAMS, ["reward.overlong_buffer=33", "reward.weights.overlong=1.0"])
+    assert load_params(PARAMS, ["reward.overlong_buffer=33"]).reward.overlong_buffer == 33
+
+
+def test_the_ratio_bounds_of_ppo_are_refused_with_cispo_and_null_turns_them_off():
+    for key in ("clip_ratio_c", "delta"):
+        with pytest.raises(ConfigError) as error:
+            load_params(PARAMS, ["grpo.policy_loss=cispo", f"grpo.{key}=3"])
+        assert str(error.value).startswith(f"params: grpo: {key} applies to policy_loss ppo only")
+        assert "\n" not in str(error.value)
+    params = load_params(PARAMS, ["grpo.clip_ratio_c=3", "grpo.delta=4"])
+    assert (params.grpo.clip_ratio_c, params.grpo.delta) == (3.0, 4.0)
+    params = load_params(PARAMS, ["grpo.policy_loss=cispo", "grpo.clip_ratio_c=null"])
+    assert params.grpo.clip_ratio_c is None
+
+
+def test_builtin_th_is_a_builtin_task_whose_size_is_checked_on_load():
+    assert load_params(PARAMS, ["data.source=builtin-th"]).data.source == "builtin-th"
+    with pytest.raises(ConfigError, match="rollout.prompts_per_iteration=16 exceeds data.builtin.train_size=10"):
+        load_params(PARAMS, ["data.source=builtin-th", "data.builtin.train_size=10"])
 
 
 def test_a_missing_key_and_a_missing_file_are_named(tmp_path):
