@@ -38,9 +38,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
-# Our loss_agg → TRL loss_type with the same normaliser per optimizer step. TRL's "dapo"
-# divides by the generation batch's token count, its "bnpo" by the step's: ours is the latter.
-TRL_LOSS_TYPE = {"grpo": "grpo", "dapo": "bnpo", "dr_grpo": "dr_grpo"}
+# Our loss_agg → TRL loss_type with the same normaliser per optimizer step (the same names: our
+# bnpo divides by the step's tokens, our dapo by the iteration's tokens per step, as TRL's do).
+TRL_LOSS_TYPE = {"grpo": "grpo", "bnpo": "bnpo", "dapo": "dapo", "dr_grpo": "dr_grpo"}
 
 
 def peak_rss_mib() -> float:
@@ -279,7 +279,7 @@ def trl_config(params, output_dir: str, torch_compile: bool = False) -> tuple[di
         fp16=False,
         use_cpu=True,
         gradient_checkpointing=False,
-        mask_truncated_completions=False,
+        mask_truncated_completions=cfg.mask_truncated_completions,
         logging_steps=steps_per_generation * cfg.mu,  # once per generation
         save_strategy="no",
         report_to=[],
@@ -325,7 +325,7 @@ def trl_config(params, output_dir: str, torch_compile: bool = False) -> tuple[di
         "beta": f"beta={cfg.beta} (TRL also skips its reference model at 0)",
         "eps": f"epsilon={cfg.eps_low}, epsilon_high={cfg.eps_high}",
         "loss aggregation": (f"loss_agg={cfg.loss_agg} -> loss_type={TRL_LOSS_TYPE[cfg.loss_agg]} (same "
-                             "normalisation per optimizer step; our dapo is TRL's bnpo)"),
+                             "normalisation per optimizer step)"),
         "scale_rewards": f"scale_rewards={cfg.scale_rewards} (std eps 1e-4 in both)",
         "rewards": ("our registry's functions (accuracy, format, language) passed as reward_funcs with "
                     "reward_weights from params.yaml; TRL's calling convention, unchanged"),

@@ -29,7 +29,7 @@ from stages.errors import GroupError, NumericsError
 from stages.generation import shared_prompt_logprobs
 from stages.memory import memory_named
 from stages.modeling import autocast
-from stages.objective import grpo_loss, loss_normaliser
+from stages.objective import drop_truncated, grpo_loss, loss_normaliser
 from stages.rollout import iteration_seed
 
 
@@ -69,6 +69,7 @@ class UpdateBatch:
     advantages: torch.Tensor
     groups: torch.Tensor  # [rows] the row's prompt, numbered 0..prompts-1
     ref_logp: torch.Tensor | None = None  # filled only when beta != 0
+    truncated: torch.Tensor | None = None  # [rows] finish_reason "length"; None: none (a batch made by hand)
 
     def rows(self, index: torch.Tensor) -> UpdateBatch:
         inputs = CompletionBatch(*(t[index] for t in self.inputs.as_inputs()))
@@ -76,7 +77,15 @@ class UpdateBatch:
         width = int(inputs.completion_mask.sum(-1).max())
         inputs.completion_ids, inputs.completion_mask = inputs.completion_ids[:, :width], inputs.completion_mask[:, :width]
         ref_logp = None if self.ref_logp is None else self.ref_logp[index, :width]
-        return UpdateBatch(inputs, self.old_logp[index, :width], self.advantages[index], self.groups[index], ref_logp)
+        truncated = None if self.truncated is None else self.truncated[index]
+        return UpdateBatch(inputs, self.old_logp[index, :width], self.advantages[index], self.groups[index], ref_logp,
+                           truncated)
+
+    def loss_mask(self, mask_truncated: bool) -> torch.Tensor:
+        """[rows, T] 1 on the tokens that carry loss: every completion token, less the truncated
+        completions' with `grpo.mask_truncated_completions`."""
+        mask = self.inputs.completion_mask.float()
+        return drop_truncated(mask, self.truncated) if mask_truncated else mask
 
 
 def aligned_advantages(rollouts: pd.DataFrame, advantages: pd.DataFrame, iteration: int) -> np.ndarray:
@@ -97,13 +106,15 @@ def aligned_advantages(rollouts: pd.DataFrame, advantages: pd.DataFrame, iterati
 
 def load_update_batch(layout: Layout, iteration: int, pad_id: int) -> UpdateBatch:
     folder = layout.iteration(iteration)
-    rollouts = pd.read_parquet(folder / "rollouts.parquet", columns=["prompt_id", "sample", "prompt_ids", "completion_ids", "logprobs"])
+    rollouts = pd.read_parquet(folder / "rollouts.parquet", columns=[
+        "prompt_id", "sample", "prompt_ids", "completion_ids", "logprobs", "finish_reason"])
     advantages = pd.read_parquet(folder / "advantages.parquet", columns=["prompt_id", "sample", "advantage"])
     advantage = aligned_advantages(rollouts, advantages, iteration)
     inputs = CompletionBatch.from_lists(list(rollouts["prompt_ids"]), list(rollouts["completion_ids"]), pad_id)
     old_logp = pad_to(list(rollouts["logprobs"]), inputs.completion_ids.shape[1])
     groups = torch.from_numpy(pd.factorize(rollouts["prompt_id"])[0])
-    return UpdateBatch(inputs, old_logp, torch.tensor(advantage, dtype=torch.float32), groups)
+    truncated = torch.tensor((rollouts["finish_reason"] == "length").to_numpy(), dtype=torch.bool)
+    return UpdateBatch(inputs, old_logp, torch.tensor(advantage, dtype=torch.float32), groups, truncated=truncated)
 
 
 def pass_order(groups: torch.Tensor, minibatches: str, generator: torch.Generator) -> torch.Tensor:
@@ -151,7 +162,7 @@ def micro_step(state: TrainState, batch: UpdateBatch, params: Params, normaliser
     inputs = batch.inputs.to(device)
     with autocast(device, params.precision):
         logp, entropy = state.reader(*inputs.as_inputs(), temperature=params.rollout.temperature, with_entropy=True)
-    mask = inputs.completion_mask.float()
+    mask = batch.loss_mask(cfg.mask_truncated_completions).to(device)  # truncated completions zeroed if masked
     ref_logp = None
     if batch.ref_logp is not None:
         # Padding holds no reference log-prob (0 where a chunk was narrower): make its KL exactly
@@ -161,23 +172,30 @@ def micro_step(state: TrainState, batch: UpdateBatch, params: Params, normaliser
         logp.float(), batch.old_logp.to(device), ref_logp,
         batch.advantages.to(device), mask, eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta,
         loss_agg=cfg.loss_agg, max_new_tokens=params.rollout.max_new_tokens, normaliser=normaliser,
+        kl_estimator=cfg.kl_estimator, clip_ratio_c=cfg.clip_ratio_c, delta=cfg.delta,
+        importance_level=cfg.importance_level, policy_loss=cfg.policy_loss,
     )
     # A non-finite loss is refused by the caller, before the optimizer steps. In a trainer group
     # every rank runs its backward regardless: the others wait for its gradients.
     if torch.isfinite(loss) or state.rank.world > 1:
         (loss * state.rank.gradient_scale).backward()
     ratio = torch.exp(logp.detach().float() - batch.old_logp.to(device))
-    return {**stats, "loss": loss.item(), "entropy": float((entropy * mask).sum() / mask.sum()),
-            "ratio_mean": float((ratio * mask).sum() / mask.sum()), "tokens": float(mask.sum())}
+    # clamp: with mask_truncated_completions a micro-batch may hold no token with loss (its weight is 0)
+    return {**stats, "loss": loss.item(), "entropy": float((entropy * mask).sum() / mask.sum().clamp(min=1)),
+            "ratio_mean": float((ratio * mask).sum() / mask.sum().clamp(min=1)), "tokens": float(mask.sum())}
 
 
-def policy_step(state: TrainState, batch: UpdateBatch, params: Params, iteration: int) -> dict[str, float]:
+def policy_step(state: TrainState, batch: UpdateBatch, params: Params, iteration: int,
+                iteration_mask: torch.Tensor | None = None) -> dict[str, float]:
     """One optimizer step on a minibatch, in micro-batches of `grpo.micro_batch_size` rows whose
     gradients add up to the whole minibatch's (`loss_normaliser` is the minibatch's). In a
-    trainer group this rank's micro-batches are cut from its share of the minibatch."""
+    trainer group this rank's micro-batches are cut from its share of the minibatch.
+    `iteration_mask`: the loss mask of the whole iteration the minibatch is cut from, which
+    `dapo`'s normaliser counts (every rank holds it); None: the minibatch is the iteration."""
     cfg = params.grpo
     mine = state.rank.share(torch.arange(len(batch.advantages)))
-    normaliser = loss_normaliser(cfg.loss_agg, batch.inputs.completion_mask, params.rollout.max_new_tokens)
+    normaliser = loss_normaliser(cfg.loss_agg, batch.loss_mask(cfg.mask_truncated_completions),
+                                 params.rollout.max_new_tokens, iteration_mask)
     state.optimizer.zero_grad(set_to_none=True)
     pieces = mine.split(cfg.micro_batch_size or len(mine))
     parts = []
@@ -197,7 +215,7 @@ def policy_step(state: TrainState, batch: UpdateBatch, params: Params, iteration
         raise NumericsError(f"iteration {iteration}: the gradient norm is {grad_norm.item()}; the previous checkpoint is kept")
     state.optimizer.step()
     stats = parts[0] if len(parts) == 1 and state.rank.world == 1 else {
-        key: total / tokens for key, total in zip(keys, sums[2:])}
+        key: total / max(tokens, 1.0) for key, total in zip(keys, sums[2:])}
     return {**{key: stats[key] for key in keys}, "loss": loss, "grad_norm": grad_norm.item()}
 
 
@@ -209,8 +227,10 @@ def _memory_remedy(params: Params, with_grad: bool) -> str:
     return remedy
 
 
-def update(params: Params, layout: Layout, iteration: int, state: TrainState,
-           reference: PreTrainedModel | None) -> dict[str, float]:
+def update_steps(params: Params, layout: Layout, iteration: int, state: TrainState,
+                 reference: PreTrainedModel | None) -> tuple[list[dict[str, float]], float]:
+    """The mu passes of optimizer steps on one iteration's files: each step's statistics, and the
+    seconds the reference log-probs took. `update` writes what they leave; `stages.replay` does not."""
     started = time.perf_counter()
     cfg = params.grpo
     batch = load_update_batch(layout, iteration, state.tokenizer.pad_token_id)
@@ -231,16 +251,23 @@ def update(params: Params, layout: Layout, iteration: int, state: TrainState,
     torch.manual_seed(iteration_seed(params.seed, iteration, 3))
     state.model.train()
     generator = torch.Generator().manual_seed(iteration_seed(params.seed, iteration, 2))
+    iteration_mask = batch.loss_mask(cfg.mask_truncated_completions)  # `dapo` counts the whole iteration's tokens
     steps: list[dict[str, float]] = []
     total = cfg.mu * (len(batch.advantages) // cfg.minibatch_size)
     with (memory_named(f"the update of iteration {iteration}", shapes, _memory_remedy(params, True)),
           tqdm(total=total, desc=f"update {iteration}", unit="step", disable=None, leave=False) as progress):
         for _ in range(cfg.mu):
             for rows in pass_order(batch.groups, cfg.minibatches, generator).split(cfg.minibatch_size):
-                steps.append(policy_step(state, batch.rows(rows), params, iteration))
+                steps.append(policy_step(state, batch.rows(rows), params, iteration, iteration_mask))
                 progress.update()
     state.model.eval()
+    return steps, seconds_reference
 
+
+def update(params: Params, layout: Layout, iteration: int, state: TrainState,
+           reference: PreTrainedModel | None) -> dict[str, float]:
+    started = time.perf_counter()
+    steps, seconds_reference = update_steps(params, layout, iteration, state, reference)
     # Under FSDP2 gathering the whole weights and optimizer state is collective: every rank takes part.
     weights = full_state_dict(state.reader, state.model) if is_sharded(state.reader) else None
     optimizer_state = full_optimizer_state(state.reader, state.optimizer)
@@ -249,5 +276,6 @@ def update(params: Params, layout: Layout, iteration: int, state: TrainState,
         save_checkpoint(state.model, state.tokenizer, optimizer_state, layout.checkpoint(iteration), weights)
         metrics.update({"optimizer_steps": len(steps), "seconds/reference": seconds_reference,
                         "seconds/update": time.perf_counter() - started})
-        write_json(layout.iteration(iteration) / "update.json", metrics)
+        # Every step's statistics too: `grpo replay` recomputes them from the iteration's files.
+        write_json(layout.iteration(iteration) / "update.json", {**metrics, "steps": steps})
     return metrics

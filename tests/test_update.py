@@ -19,7 +19,7 @@ from stages.config import TinyModel, load_params
 from stages.errors import GroupError
 from stages.generation import completion_logprobs, sample
 from stages.modeling import build_tiny_model, build_tokenizer, encode_prompts
-from stages.objective import grpo_loss
+from stages.objective import drop_truncated, grpo_loss
 from stages.rollout import iteration_seed
 from stages.update import TrainState, load_update_batch, make_optimizer, pass_order, update
 
@@ -53,6 +53,7 @@ def make_iteration_files(tmp_path_factory, num_layers: int):
         "prompt_ids": [ids[i // G] for i in range(rows)],
         "completion_ids": [row[:n] for row, n in zip(out.completion_ids.tolist(), lengths)],
         "logprobs": [row[:n] for row, n in zip(out.logprobs.tolist(), lengths)],
+        "finish_reason": np.where(out.stopped.numpy(), "stop", "length"),
     }))
     advantages = torch.randn(rows, generator=torch.Generator().manual_seed(1)).numpy()
     write_parquet(folder / "advantages.parquet", pd.DataFrame({
@@ -61,18 +62,20 @@ def make_iteration_files(tmp_path_factory, num_layers: int):
     return layout, model, tokenizer
 
 
-def params_for(loss_agg: str, beta: float, minibatches: str = "groups"):
+def params_for(loss_agg: str, beta: float, minibatches: str = "groups", extra: tuple[str, ...] = ()):
     # Minibatches of 6 with G = 4: under `groups`, a minibatch holds one whole group and half of another.
     return load_params(ROOT / "params.yaml", [*TINY, f"rollout.prompts_per_iteration={len(PROMPTS)}",
                                               f"rollout.group_size={G}", "rollout.max_new_tokens=10",
                                               "grpo.minibatch_size=6", "grpo.mu=2", f"grpo.minibatches={minibatches}",
-                                              f"grpo.beta={beta}", f"grpo.loss_agg={loss_agg}"])
+                                              f"grpo.beta={beta}", f"grpo.loss_agg={loss_agg}", *extra])
 
 
 def plain_update(params, layout: Layout, model, tokenizer, reference) -> list[torch.Tensor]:
     """The objective as DESIGN.md states it: every row's full forward, minibatch by minibatch."""
     cfg = params.grpo
     batch = load_update_batch(layout, 1, tokenizer.pad_token_id)
+    truncated = batch.truncated if cfg.mask_truncated_completions else None
+    iteration_mask = drop_truncated(batch.inputs.completion_mask.float(), truncated)  # dapo counts the iteration's
     if cfg.beta:
         with torch.no_grad():
             batch.ref_logp, _ = completion_logprobs(reference, *batch.inputs.as_inputs())
@@ -86,7 +89,11 @@ def plain_update(params, layout: Layout, model, tokenizer, reference) -> list[to
             loss, _ = grpo_loss(logp, minibatch.old_logp, minibatch.ref_logp, minibatch.advantages,
                                 minibatch.inputs.completion_mask.float(), eps_low=cfg.eps_low,
                                 eps_high=cfg.eps_high, beta=cfg.beta, loss_agg=cfg.loss_agg,
-                                max_new_tokens=params.rollout.max_new_tokens)
+                                max_new_tokens=params.rollout.max_new_tokens, kl_estimator=cfg.kl_estimator,
+                                clip_ratio_c=cfg.clip_ratio_c, delta=cfg.delta,
+                                importance_level=cfg.importance_level, policy_loss=cfg.policy_loss,
+                                truncated=None if truncated is None else minibatch.truncated,
+                                iteration_mask=iteration_mask)
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -94,16 +101,29 @@ def plain_update(params, layout: Layout, model, tokenizer, reference) -> list[to
     return [p.detach() for p in model.parameters()]
 
 
-@pytest.mark.parametrize(("loss_agg", "minibatches"),
-                         [("grpo", "groups"), ("dapo", "groups"), ("dr_grpo", "groups"), ("grpo", "completions")])
-def test_the_update_steps_the_policy_as_the_plain_loop_does(iteration_files, loss_agg, minibatches):
+# The objective's variants (tests/test_objective.py checks each by hand) wired through the update.
+# delta 1.1 < 1 + eps_high caps positive advantages' ratios; clip_ratio_c 1.05 negative ones'.
+VARIANTS = ("grpo.kl_estimator=k2", "grpo.clip_ratio_c=1.05", "grpo.delta=1.1")
+GSPO = ("grpo.importance_level=sequence",)
+# 11 of the 12 sampled completions run out of tokens: masked, one completion carries all the loss.
+CISPO_MASKED = ("grpo.policy_loss=cispo", "grpo.kl_estimator=k1", "grpo.mask_truncated_completions=true")
+
+
+@pytest.mark.parametrize(("loss_agg", "minibatches", "extra"),
+                         [("grpo", "groups", ()), ("bnpo", "groups", ()), ("dapo", "groups", ()),
+                          ("dr_grpo", "groups", ()), ("grpo", "completions", ()), ("dapo", "completions", VARIANTS),
+                          ("grpo", "completions", GSPO), ("dapo", "groups", CISPO_MASKED)])
+def test_the_update_steps_the_policy_as_the_plain_loop_does(iteration_files, loss_agg, minibatches, extra):
     layout, model, tokenizer = iteration_files
-    params = params_for(loss_agg, beta=0.1, minibatches=minibatches)
+    params = params_for(loss_agg, beta=0.1, minibatches=minibatches, extra=extra)
     policy = copy.deepcopy(model)
     optimizer = torch.optim.SGD(policy.parameters(), lr=LR)
     metrics = update(params, layout, 1, TrainState(policy, tokenizer, optimizer), model)
     expected = plain_update(params, layout, copy.deepcopy(model), tokenizer, model)
     assert metrics["optimizer_steps"] == 4
+    assert ("clip_ratio/dual" in metrics) == ("grpo.clip_ratio_c=1.05" in extra)
+    if "clip_ratio/dual" in metrics:
+        assert metrics["clip_ratio/dual"] > 0  # the dual clip bound some tokens: it is wired, not just accepted
     for got, want in zip(policy.parameters(), expected):
         torch.testing.assert_close(got.detach(), want, atol=1e-5, rtol=0)
     # The steps moved the policy: the comparison above is not between two untouched models.
@@ -118,12 +138,12 @@ def stepped_policy(iteration_files, params) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("minibatches", ["groups", "completions"])
-@pytest.mark.parametrize("loss_agg", ["grpo", "dapo", "dr_grpo"])
+@pytest.mark.parametrize("loss_agg", ["grpo", "bnpo", "dapo", "dr_grpo"])
 def test_a_micro_batched_step_is_the_whole_minibatchs_step(iteration_files, loss_agg, minibatches, tmp_path):
     """Micro-batches of 2 and 3 rows of a 6-row minibatch, their gradients accumulated, step the
     policy as the whole minibatch does: each part's loss is divided by the whole minibatch's
-    count (its tokens for dapo, its completions for grpo), not its own. No gradient clipping,
-    which would hide a gradient of the wrong scale."""
+    count (its tokens for bnpo, the iteration's per minibatch for dapo, its completions for
+    grpo), not its own. No gradient clipping, which would hide a gradient of the wrong scale."""
     def stepped(micro_batch_size: int) -> list[torch.Tensor]:
         params = load_params(ROOT / "params.yaml", [
             *TINY, f"rollout.prompts_per_iteration={len(PROMPTS)}", f"rollout.group_size={G}",
