@@ -181,14 +181,14 @@ class RolloutWorker:
 
 @ray.remote(num_cpus=1)
 def score_share(rollouts: pd.DataFrame, cfg: RewardConfig, group_size: int | None, where: str,
-                cwd: str, path: list[str]) -> pd.DataFrame:
+                cwd: str, path: list[str], max_new_tokens: int | None = None) -> pd.DataFrame:
     """One reward scorer's share of whole groups, scored as in process (`stages.reward.score_rollouts`).
 
     The user's reward modules import here as they do in the controller: from its working
     directory and import path (a worker may have started before either changed)."""
     os.chdir(cwd)
     sys.path[:0] = [entry for entry in path if entry not in sys.path]
-    return score_rollouts(rollouts, cfg, group_size, where)
+    return score_rollouts(rollouts, cfg, group_size, where, max_new_tokens)
 
 
 def _cause(error: BaseException) -> str:
@@ -303,11 +303,14 @@ class Cluster:
 def score_in_parallel(workers: int):
     """A `stages.reward` scorer spreading whole groups over `workers` Ray tasks, results in order."""
 
-    def score(rollouts: pd.DataFrame, cfg: RewardConfig, group_size: int | None, where: str) -> pd.DataFrame:
+    def score(rollouts: pd.DataFrame, cfg: RewardConfig, group_size: int | None, where: str,
+              max_new_tokens: int | None = None) -> pd.DataFrame:
         groups = pd.factorize(rollouts["prompt_id"])[0]
         shares = [rollouts.iloc[np.isin(groups, part)] for part in np.array_split(np.arange(groups.max() + 1), workers)
                   if len(part)]
-        refs = {f"reward scorer {n}": score_share.remote(share, cfg, group_size, where, os.getcwd(), sys.path) for n, share in enumerate(shares)}
+        refs = {f"reward scorer {n}": score_share.remote(share, cfg, group_size, where, os.getcwd(), sys.path,
+                                                         max_new_tokens)
+                for n, share in enumerate(shares)}
         return pd.concat(list(wait(refs).values())).loc[rollouts.index]  # the rows' own order
 
     return score

@@ -20,12 +20,20 @@ from stages.scoring import scoring_process
 from stages.groups import check_groups
 
 
-def _call(fn: RewardFn, rollouts: pd.DataFrame, target_language: str) -> Any:
+def run_settings(cfg: RewardConfig, max_new_tokens: int | None) -> dict[str, Any]:
+    """The run's settings every reward function gets as keyword columns, beside the rollouts' own."""
+    return {"target_language": cfg.target_language, "max_new_tokens": max_new_tokens,
+            "overlong_buffer": cfg.overlong_buffer}
+
+
+def _call(fn: RewardFn, rollouts: pd.DataFrame, settings: dict[str, Any]) -> Any:
     columns = {
         "answer": rollouts["answer"].tolist(),
         "prompt_id": rollouts["prompt_id"].tolist(),
         "sample": rollouts["sample"].tolist(),
-        "target_language": target_language,
+        # Tokens, eos included; None for a frame without it (one made by hand, not by rollout).
+        "completion_length": rollouts["completion_length"].tolist() if "completion_length" in rollouts else None,
+        **settings,
     }
     return fn(rollouts["prompt"].tolist(), rollouts["completion"].tolist(), **columns)
 
@@ -36,11 +44,12 @@ def _culprit(rollouts: pd.DataFrame, row: int) -> str:
     return f"prompt_id={culprit['prompt_id']!r} sample={culprit['sample']}"
 
 
-def _failure(name: str, fn: RewardFn, rollouts: pd.DataFrame, target_language: str, error: Exception) -> RewardError:
+def _failure(name: str, fn: RewardFn, rollouts: pd.DataFrame, settings: dict[str, Any],
+             error: Exception) -> RewardError:
     """The error for a reward that raised: on the first completion it raises on alone, if any."""
     for row in range(len(rollouts)):
         try:
-            _call(fn, rollouts.iloc[row:row + 1], target_language)
+            _call(fn, rollouts.iloc[row:row + 1], settings)
         except Exception as alone:
             return RewardError(f"reward {name!r} raised on {_culprit(rollouts, row)}: "
                                f"{type(alone).__name__}: {one_line(alone)}")
@@ -63,12 +72,13 @@ def _as_list(name: str, result: Any, expected: int) -> list:
     return scores
 
 
-def score_component(name: str, fn: RewardFn, rollouts: pd.DataFrame, target_language: str) -> np.ndarray:
-    """Exactly one finite float per completion (NaN = abstained, from `None`), or an error naming the culprit."""
+def score_component(name: str, fn: RewardFn, rollouts: pd.DataFrame, settings: dict[str, Any]) -> np.ndarray:
+    """Exactly one finite float per completion (NaN = abstained, from `None`), or an error naming the culprit.
+    `settings` (`run_settings`) are passed to `fn` as keyword columns."""
     try:
-        result = _call(fn, rollouts, target_language)
+        result = _call(fn, rollouts, settings)
     except Exception as error:  # the user's code: find the completion it fails on, to reproduce it
-        raise _failure(name, fn, rollouts, target_language, error) from None
+        raise _failure(name, fn, rollouts, settings, error) from None
     values = np.full(len(rollouts), np.nan)
     for row, score in enumerate(_as_list(name, result, len(rollouts))):
         if score is None:  # an explicit abstention
@@ -87,17 +97,18 @@ def score_component(name: str, fn: RewardFn, rollouts: pd.DataFrame, target_lang
 
 
 def score_rollouts(rollouts: pd.DataFrame, cfg: RewardConfig, group_size: int | None = None,
-                   where: str = "") -> pd.DataFrame:
+                   where: str = "", max_new_tokens: int | None = None) -> pd.DataFrame:
     """Check the groups, then score: one column per component and `reward`, their weighted sum.
 
     Each component is scored in the scoring process (`stages.scoring`), within
     `reward.timeout_seconds`. `where` (the rollouts file) starts a group error's message.
+    `max_new_tokens` (rollout.max_new_tokens) is what `overlong` measures lengths against.
     """
     check_groups(rollouts, group_size, where)
     rewards = rollouts[["prompt_id", "sample"]].copy()
     total = np.zeros(len(rollouts))
     resolve(cfg.weights, cfg.custom)  # here too: a reward that no longer imports is named before any scoring
-    scores = scoring_process(cfg.custom).score(cfg.weights, cfg.custom, rollouts, cfg.target_language,
+    scores = scoring_process(cfg.custom).score(cfg.weights, cfg.custom, rollouts, run_settings(cfg, max_new_tokens),
                                                cfg.timeout_seconds)
     for name, values in scores.items():
         rewards[name] = values
@@ -119,19 +130,22 @@ def reward_metrics(rewards: pd.DataFrame, components: list[str]) -> dict[str, fl
     return metrics
 
 
-Scorer = Callable[[pd.DataFrame, RewardConfig, "int | None", str], pd.DataFrame]
+# (rollouts, cfg, group_size, where, max_new_tokens): `score_rollouts`' arguments, in its order.
+Scorer = Callable[[pd.DataFrame, RewardConfig, "int | None", str, "int | None"], pd.DataFrame]
 
 
 def reward(cfg: RewardConfig, layout: Layout, iteration: int, group_size: int | None = None,
-           score: Scorer = score_rollouts) -> dict[str, float]:
-    """Score one iteration's rollouts; pass `group_size` (rollout.group_size) to check groups against it.
+           score: Scorer = score_rollouts, max_new_tokens: int | None = None) -> dict[str, float]:
+    """Score one iteration's rollouts; pass `group_size` (rollout.group_size) to check groups against it,
+    and `max_new_tokens` (rollout.max_new_tokens) for `overlong`.
     `score` is `score_rollouts` here, or the same spread over Ray workers (`flows.cluster`)."""
     started = time.perf_counter()
     folder = layout.iteration(iteration)
     source = folder / "rollouts.parquet"
-    rollouts = pd.read_parquet(source, columns=["prompt_id", "sample", "prompt", "answer", "completion"])
+    rollouts = pd.read_parquet(source, columns=["prompt_id", "sample", "prompt", "answer", "completion",
+                                                "completion_length"])
     try:
-        rewards = score(rollouts, cfg, group_size, str(source))
+        rewards = score(rollouts, cfg, group_size, str(source), max_new_tokens)
     except RewardError as error:  # which iteration's file to open to reproduce it
         raise RewardError(f"{source}: {error}") from None
     write_parquet(folder / "rewards.parquet", rewards)

@@ -32,6 +32,7 @@ import pandas as pd
 from stages.errors import RewardError, one_line
 
 COLUMNS = ["prompt", "completion", "answer", "prompt_id", "sample"]
+OPTIONAL_COLUMNS = ["completion_length"]  # sent when the rollouts have it (rollout's do; a hand-made frame may not)
 STARTUP_SECONDS = 120  # importing math-verify and the user's reward modules, on a busy machine
 PR_SET_PDEATHSIG = 1
 
@@ -95,13 +96,15 @@ class ScoringProcess:
             self.process.kill()
         self.process.wait()
 
-    def score(self, weights: dict[str, float], custom: list[str], rollouts: pd.DataFrame, target_language: str,
+    def score(self, weights: dict[str, float], custom: list[str], rollouts: pd.DataFrame, settings: dict[str, Any],
               timeout: float) -> dict[str, np.ndarray]:
         """`score_component` of every weighted reward, run there in order, each within `timeout`;
-        one request for all (the completions are sent once), one reply per reward."""
+        one request for all (the completions are sent once), one reply per reward. `settings`:
+        `stages.reward.run_settings` (target_language, max_new_tokens, overlong_buffer)."""
         names = list(weights)
-        request = {"names": names, "weights": weights, "custom": custom, "target_language": target_language,
-                   "columns": {column: rollouts[column].tolist() for column in COLUMNS}}
+        columns = COLUMNS + [column for column in OPTIONAL_COLUMNS if column in rollouts]
+        request = {"names": names, "weights": weights, "custom": custom, "settings": settings,
+                   "columns": {column: rollouts[column].tolist() for column in columns}}
         self.process.stdin.write(json.dumps(request, default=_plain).encode() + b"\n")
         self.process.stdin.flush()
         scores = {}
@@ -155,7 +158,7 @@ def serve(requests, replies) -> None:
         for name in request["names"]:  # each answered as soon as it is scored: its own deadline
             try:
                 functions = resolve(request["weights"], request["custom"])
-                values = score_component(name, functions[name], columns, request["target_language"])
+                values = score_component(name, functions[name], columns, request["settings"])
                 reply = {"values": [None if math.isnan(v) else float(v) for v in values]}
             except RewardError as error:
                 reply = {"error": str(error)}
