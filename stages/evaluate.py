@@ -1,4 +1,7 @@
-"""evaluate: greedy decoding on the held-out prompts, reference vs final policy → metrics/eval.json."""
+"""evaluate: greedy decoding on the held-out prompts, reference vs final policy → metrics/eval.json.
+
+For each model: `accuracy` (the share answered exactly right: accuracy reward 1), `format_rate`,
+and `language`, the mean share of the reasoning written in reward.target_language's script."""
 
 from __future__ import annotations
 
@@ -15,7 +18,8 @@ from stages.modeling import (autocast, check_context, check_model_dir, compute_d
                              eos_token_ids, load_pretrained, resolve_device)
 from stages.memory import memory_named
 from stages.prepare import read_prompt_split
-from stages.rewards import accuracy, format_reward
+from stages.languages import SCRIPTS
+from stages.rewards import accuracy, extract_reasoning, format_reward, script_share
 
 
 def greedy_completions(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
@@ -31,12 +35,16 @@ def greedy_completions(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
 
 
 def held_out_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, test: pd.DataFrame,
-                    max_new_tokens: int, batch_size: int, system: str = "") -> dict[str, float]:
+                    max_new_tokens: int, batch_size: int, system: str = "",
+                    target_language: str = "en") -> dict[str, float]:
     prompts = test["prompt"].tolist()
     completions = greedy_completions(model, tokenizer, prompts, max_new_tokens, batch_size, system)
-    correct = accuracy(prompts, completions, answer=test["answer"].tolist())
+    # Right means exactly right: an answer spelled in words (partial credit in training) is not counted.
+    correct = [score == 1.0 for score in accuracy(prompts, completions, answer=test["answer"].tolist())]
     formatted = format_reward(prompts, completions)
-    return {"accuracy": sum(correct) / len(correct), "format_rate": sum(formatted) / len(formatted)}
+    in_script = [script_share(extract_reasoning(c), SCRIPTS[target_language]) for c in completions]
+    return {"accuracy": sum(correct) / len(correct), "format_rate": sum(formatted) / len(formatted),
+            "language": sum(in_script) / len(in_script)}
 
 
 def evaluate(params: Params, layout: Layout) -> dict[str, float]:
@@ -62,7 +70,7 @@ def evaluate(params: Params, layout: Layout) -> dict[str, float]:
                            f"new tokens, vocabulary {model.config.vocab_size}", "lower eval.batch_size"),
               autocast(device, params.precision)):
             scores = held_out_scores(model.eval(), tokenizer, test, params.eval.max_new_tokens, params.eval.batch_size,
-                                     params.data.system_prompt)
+                                     params.data.system_prompt, params.reward.target_language)
         metrics.update({f"{name}_{key}": value for key, value in scores.items()})
         metrics[f"{name}_seconds"] = time.perf_counter() - started
     metrics["accuracy_gain"] = metrics["policy_accuracy"] - metrics["reference_accuracy"]

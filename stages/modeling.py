@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import string
+import unicodedata
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -32,6 +33,9 @@ hf_logging.disable_progress_bar()
 # format reward must still see the tags.
 REASONING_TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+# The Thai block's characters (U+0E01..U+0E5B, its unassigned code points left out): builtin-th's
+# prompts and demonstrations are Thai.
+THAI = "".join(ch for ch in map(chr, range(0x0E01, 0x0E5C)) if unicodedata.name(ch, ""))
 
 
 def configure_threads(params: Params) -> None:
@@ -124,13 +128,16 @@ def autocast(device: torch.device, precision: str = "auto"):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """A character-level tokenizer over printable ASCII plus the reasoning tags.
+def build_tokenizer(extra: str = "") -> PreTrainedTokenizerFast:
+    """A character-level tokenizer over printable ASCII plus the reasoning tags, and the
+    characters of `extra` (`task_characters`) after them: without any, exactly today's vocabulary.
 
     Characters, not subwords: a tiny model learns digit-wise arithmetic far more easily.
     """
     specials = [PAD, BOS, EOS, UNK]
-    vocab = {token: i for i, token in enumerate(specials + list(string.printable[:95] + "\n"))}
+    ascii_ = string.printable[:95] + "\n"
+    characters = list(ascii_) + [ch for ch in dict.fromkeys(extra) if ch not in ascii_]
+    vocab = {token: i for i, token in enumerate(specials + characters)}
     core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK))
     core.decoder = decoders.Fuse()
     core.add_special_tokens([AddedToken(t, special=True) for t in specials])
@@ -139,6 +146,12 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         tokenizer_object=core, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK,
         padding_side="left", model_max_length=None,
     )
+
+
+def task_characters(source: str) -> str:
+    """The characters the tiny model's tokenizer needs past ASCII for `data.source`: Thai for
+    builtin-th; none otherwise (the default model's vocabulary and initialisation are unchanged)."""
+    return THAI if source == "builtin-th" else ""
 
 
 def build_tiny_model(shape: TinyModel, tokenizer: PreTrainedTokenizerBase, seed: int) -> PreTrainedModel:
@@ -331,11 +344,12 @@ def model_source(cfg: ModelConfig, root: Path) -> Path | None:
     return path if path.is_absolute() else root / path
 
 
-def planned_tokenizer(cfg: ModelConfig, root: Path) -> tuple[PreTrainedTokenizerBase, tuple[int, str] | None]:
+def planned_tokenizer(cfg: ModelConfig, root: Path,
+                      data_source: str = "builtin") -> tuple[PreTrainedTokenizerBase, tuple[int, str] | None]:
     """The tokenizer and context the reference will have, read without loading any weights."""
     source = model_source(cfg, root)
     if source is None:
-        return build_tokenizer(), context_limit({"max_position_embeddings": cfg.tiny.max_position_embeddings}, cfg)
+        return build_tokenizer(task_characters(data_source)), context_limit({"max_position_embeddings": cfg.tiny.max_position_embeddings}, cfg)
     check_model_dir(source, cfg.trust_remote_code, "model.path")
     config = json.loads((source / "config.json").read_text())
     return load_tokenizer(source, cfg.trust_remote_code, "model.path"), context_limit(config, cfg)

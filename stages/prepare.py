@@ -15,10 +15,24 @@ import numpy as np
 import pandas as pd
 
 from stages.artifacts import Layout, write_parquet
-from stages.config import DataConfig, Params
+from stages.config import BUILTIN_SOURCES, DataConfig, Params
 from stages.errors import DataError, one_line
 
 COLUMNS = ["prompt_id", "prompt", "answer", "demonstration"]
+
+# The built-in task in each language it is asked in (`data.source`: builtin, builtin-th).
+QUESTIONS = {
+    "en": {"+": "What is {a} + {b}?", "-": "What is {a} - {b}?"},
+    "th": {"+": "ผลรวมของ {a} + {b} คืออะไร?", "-": "ผลต่างของ {a} - {b} คืออะไร?"},  # "the sum / difference of"
+}
+# builtin-th's demonstrations put the column working into words, in English or in Thai: the
+# columns (units, tens, ... from the right), "carry 1" and "borrow 1", and a column past those named.
+COLUMN_WORDS = {
+    "en": (("units", "tens", "hundreds", "thousands", "ten-thousands", "hundred-thousands", "millions"),
+           "carry", "borrow", "column {}"),
+    "th": (("หลักหน่วย", "หลักสิบ", "หลักร้อย", "หลักพัน", "หลักหมื่น", "หลักแสน", "หลักล้าน"),
+           "ทด", "ยืม", "หลักที่ {}"),
+}
 
 
 def column_steps(a: int, op: str, b: int) -> str:
@@ -27,28 +41,49 @@ def column_steps(a: int, op: str, b: int) -> str:
     Every problem is built from the same few hundred one-digit facts and carries, so what
     GRPO teaches on one training prompt carries over to held-out ones.
     """
+    return " ".join(step for step, _ in _column_working(a, op, b))
+
+
+def worded_steps(a: int, op: str, b: int, language: str) -> str:
+    """`column_steps` in words: `78 + 55` → `units 8+5=13 carry 1 tens 7+5+1=13`, or in Thai
+    `หลักหน่วย 8+5=13 ทด 1 หลักสิบ 7+5+1=13`. A carry (borrow) is said where the next column takes it."""
+    names, carry, borrow, other = COLUMN_WORDS[language]
+    columns = _column_working(a, op, b)
+    words = []
+    for k, (step, carries) in enumerate(columns):
+        words.append(f"{names[k] if k < len(names) else other.format(k + 1)} {step}")
+        if carries and k + 1 < len(columns):
+            words.append(f"{carry if op == '+' else borrow} 1")
+    return " ".join(words)
+
+
+def _column_working(a: int, op: str, b: int) -> list[tuple[str, bool]]:
+    """Each column's step, units first, and whether it carries into (borrows from) the next column."""
     steps, carry = [], 0
     while a or b:
         x, y = a % 10, b % 10
         if op == "+":
             total = x + y + carry
-            steps.append(f"{x}+{y}{'+1' if carry else ''}={total}")
+            step = f"{x}+{y}{'+1' if carry else ''}={total}"
             carry = total // 10
         else:
             top = x - carry
             borrow = top < y
-            steps.append(f"{'1' if borrow else ''}{x}-{y}{'-1' if carry else ''}={top + 10 * borrow - y}")
+            step = f"{'1' if borrow else ''}{x}-{y}{'-1' if carry else ''}={top + 10 * borrow - y}"
             carry = int(borrow)
+        steps.append((step, bool(carry)))
         a, b = a // 10, b // 10
-    return " ".join(steps)
+    return steps
 
 
 def demonstration(reasoning: str, answer: str) -> str:
     return f"<think>{reasoning}</think><answer>{answer}</answer>"
 
 
-def arithmetic_problems(cfg: DataConfig, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Distinct `a + b` / `a - b` problems (non-negative results), shuffled by the seed."""
+def arithmetic_problems(cfg: DataConfig, seed: int, language: str = "en") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Distinct `a + b` / `a - b` problems (non-negative results), shuffled by the seed, asked in
+    `language` (`QUESTIONS`). In English the working is `column_steps`; in another language it is
+    in words (`worded_steps`), in English for `english_share` of the demonstrations, else in that language."""
     task = cfg.builtin
     operands = range(task.min_operand, task.max_operand + 1)
     problems = [(a, op, b) for a, b in itertools.product(operands, operands) for op in "+-"
@@ -62,16 +97,20 @@ def arithmetic_problems(cfg: DataConfig, seed: int) -> tuple[pd.DataFrame, pd.Da
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(problems))[:needed]
     slips = rng.random(needed) < task.slip_rate
+    # Drawn after the English task's draws: every language gets the same problems, split and slips.
+    in_english = rng.random(needed) < task.english_share if language != "en" else np.ones(needed, dtype=bool)
     rows = []
-    for (a, op, b), slip in zip((problems[i] for i in order), slips):
+    for (a, op, b), slip, english in zip((problems[i] for i in order), slips, in_english):
         result = str(a + b if op == "+" else a - b)
         # The slip: digits written in the order the columns were worked, units first.
         written = result[::-1] if slip else result
+        working = (column_steps(a, op, b) if language == "en"
+                   else worded_steps(a, op, b, "en" if english else language))
         rows.append({
             "prompt_id": f"{a}{op}{b}",
-            "prompt": f"What is {a} {op} {b}?",
+            "prompt": QUESTIONS[language][op].format(a=a, b=b),
             "answer": result,
-            "demonstration": demonstration(column_steps(a, op, b), written),
+            "demonstration": demonstration(working, written),
         })
     frame = pd.DataFrame(rows, columns=COLUMNS)
     # Test first, so growing train_size never moves a problem from test into train.
@@ -210,7 +249,7 @@ def check_prompts_fit(problems: pd.DataFrame, labels: list[str], params: Params,
     from stages.modeling import check_context, encode_prompts, planned_tokenizer
 
     try:
-        tokenizer, limit = planned_tokenizer(params.model, root)
+        tokenizer, limit = planned_tokenizer(params.model, root, params.data.source)
     except ModelError:
         return  # the reference stage names what is wrong with model.path
     if limit is None:
@@ -236,8 +275,8 @@ def read_prompt_split(layout: Layout, split: str) -> pd.DataFrame:
 def prepare(params: Params, layout: Layout) -> dict[str, int]:
     """Validate everything first (the file, its rows, their fit in the model's context), then write."""
     targets = {split: layout.prompt_split(split) for split in ("train", "test")}  # inside the run directory
-    if params.data.source == "builtin":
-        train, test = arithmetic_problems(params.data, params.seed)
+    if params.data.source in BUILTIN_SOURCES:
+        train, test = arithmetic_problems(params.data, params.seed, BUILTIN_SOURCES[params.data.source])
         problems = pd.concat([train, test], ignore_index=True)
         labels = [f"data.builtin: prompt_id {pid!r}" for pid in problems["prompt_id"]]
     else:
@@ -246,7 +285,7 @@ def prepare(params: Params, layout: Layout) -> dict[str, int]:
         labels = [f"data.source: {source} row {row} (prompt_id {pid!r})"
                   for row, pid in enumerate(problems["prompt_id"])]
     check_prompts_fit(problems, labels, params, layout.root)
-    if params.data.source != "builtin":
+    if params.data.source not in BUILTIN_SOURCES:
         train, test = split_held_out(problems, params.data, params.seed)
         if len(train) < params.rollout.prompts_per_iteration:
             raise DataError(f"data.source: {source} leaves {len(train)} training prompts after holding out {len(test)} "

@@ -22,7 +22,8 @@ from stages.batching import CompletionBatch
 from stages.config import Params, SFTConfig
 from stages.generation import completion_logprobs
 from stages.modeling import (build_tiny_model, build_tokenizer, check_context, configure_threads, context_limit,
-                             encode_prompts, load_pretrained, model_source, resolve_device, save_model)
+                             encode_prompts, load_pretrained, model_source, resolve_device, save_model,
+                             task_characters)
 from stages.prepare import read_prompt_split
 
 
@@ -87,7 +88,7 @@ def reference(params: Params, layout: Layout) -> dict[str, float]:
         check_prompts_fit(tokenizer, context_limit(model.config, params.model), params, layout)
         metrics = {"sft_steps": 0}
     else:
-        tokenizer = build_tokenizer()
+        tokenizer = build_tokenizer(task_characters(params.data.source))
         check_prompts_fit(tokenizer, (params.model.tiny.max_position_embeddings, "model.tiny.max_position_embeddings"),
                           params, layout)
         model = build_tiny_model(params.model.tiny, tokenizer, params.seed).to(device)

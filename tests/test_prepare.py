@@ -1,5 +1,6 @@
 """prepare: the built-in task and a user's file become train/test prompt tables."""
 
+import hashlib
 import json
 
 import pandas as pd
@@ -7,7 +8,8 @@ import pytest
 
 from stages.artifacts import Layout
 from stages.errors import DataError
-from stages.prepare import column_steps, prepare
+from stages.prepare import arithmetic_problems, column_steps, prepare, worded_steps
+from stages.rewards import extract_reasoning, script_share
 
 
 def _read(layout):
@@ -46,6 +48,73 @@ def test_a_share_of_demonstrations_slip_by_reversing_the_answer(tiny_params, tmp
 ])
 def test_the_worked_solution_goes_column_by_column_with_carries(a, op, b, working):
     assert column_steps(a, op, b) == working
+
+
+def _digest(train, test):
+    tables = [train.to_dict("records"), test.to_dict("records")]
+    return hashlib.sha256(json.dumps(tables, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
+
+
+def test_the_english_builtin_task_is_unchanged_by_other_languages(tiny_params):
+    # Computed before builtin-th existed: the default run's prompts, demonstrations and draws.
+    train, test = arithmetic_problems(tiny_params.data, tiny_params.seed)
+    assert train.iloc[:2].to_dict("records") == [
+        {"prompt_id": "78+50", "prompt": "What is 78 + 50?", "answer": "128",
+         "demonstration": "<think>8+0=8 7+5=12</think><answer>128</answer>"},
+        {"prompt_id": "55+72", "prompt": "What is 55 + 72?", "answer": "127",
+         "demonstration": "<think>5+2=7 5+7=12</think><answer>721</answer>"}]
+    assert _digest(train, test) == "a45197b808b2fdfe295954d5b7db4919d3d2ce7b6c5273e7dfb79c3bc56e068f"
+    assert _digest(*arithmetic_problems(tiny_params.data, 1)) == (
+        "90382716342f9f188c52f3d5c3967e7c49231983dbc6aefaa1884c53428ac5f2")
+
+
+def _thai(params):
+    return params.model_copy(update={"data": params.data.model_copy(update={"source": "builtin-th"})})
+
+
+def test_builtin_th_asks_builtins_problems_in_thai_with_working_often_in_english(tiny_params, tmp_path):
+    prepare(_thai(tiny_params), Layout(tmp_path / "th"))
+    prepare(tiny_params, Layout(tmp_path / "en"))
+    thai, english = (pd.concat(_read(Layout(tmp_path / name))) for name in ("th", "en"))
+    # The same problems, split, answers and slips as builtin for the same seed.
+    for column in ("prompt_id", "answer"):
+        assert thai[column].tolist() == english[column].tolist()
+    written = lambda frame: frame["demonstration"].str.extract("<answer>(.*)</answer>")[0].tolist()  # noqa: E731
+    assert written(thai) == written(english)
+    assert thai["answer"].str.fullmatch("[0-9]+").all()
+    for row in thai.itertuples():
+        a, op, b = row.prompt_id.replace("+", " + ").replace("-", " - ").split()
+        assert row.prompt == f"{'ผลรวมของ' if op == '+' else 'ผลต่างของ'} {a} {op} {b} คืออะไร?"
+        assert script_share(row.prompt, {"THAI"}) == 1.0
+        reasoning = extract_reasoning(row.demonstration)
+        assert reasoning in (worded_steps(int(a), op, int(b), "en"), worded_steps(int(a), op, int(b), "th"))
+    in_english = thai["demonstration"].map(lambda d: script_share(extract_reasoning(d), {"LATIN"}) == 1.0)
+    assert abs(in_english.mean() - tiny_params.data.builtin.english_share) < 0.1
+    assert 0 < in_english.mean() < 1
+
+
+@pytest.mark.parametrize("a, op, b, language, working", [
+    (78, "+", 55, "th", "หลักหน่วย 8+5=13 ทด 1 หลักสิบ 7+5+1=13"),  # the carry said where the tens take it
+    (78, "+", 55, "en", "units 8+5=13 carry 1 tens 7+5+1=13"),
+    (90, "-", 86, "th", "หลักหน่วย 10-6=4 ยืม 1 หลักสิบ 9-8-1=0"),
+    (90, "-", 86, "en", "units 10-6=4 borrow 1 tens 9-8-1=0"),
+    (78, "-", 55, "en", "units 8-5=3 tens 7-5=2"),
+])
+def test_the_worded_working_names_each_column_and_carry(a, op, b, language, working):
+    assert worded_steps(a, op, b, language) == working
+
+
+def test_the_tiny_models_vocabulary_has_thai_for_builtin_th_only(tiny_params, tmp_path):
+    from stages.modeling import planned_tokenizer
+
+    default, _ = planned_tokenizer(tiny_params.model, tmp_path)
+    thai, _ = planned_tokenizer(tiny_params.model, tmp_path, "builtin-th")
+    assert len(default) == 104  # printable ASCII, newline, 4 specials, 4 tags: the default model's, unchanged
+    text = "ผลต่างของ 90 - 86 คืออะไร?\n<think>หลักหน่วย 10-6=4 ยืม 1 หลักสิบ 9-8-1=0</think><answer>4</answer>"
+    ids = thai(text, add_special_tokens=False)["input_ids"]
+    assert thai.unk_token_id not in ids and thai.decode(ids) == text
+    assert default.unk_token_id in default(text, add_special_tokens=False)["input_ids"]
+    assert thai("What is 1 + 7?")["input_ids"] == default("What is 1 + 7?")["input_ids"]
 
 
 def test_a_different_seed_gives_different_problems(tiny_params, tmp_path):
