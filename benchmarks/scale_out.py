@@ -45,7 +45,8 @@ def main() -> None:
     for trainers, workers, lag in POINTS:
         root = base.parent / f"{base.name}-{trainers}{workers}{lag}"
         shutil.copytree(base, root, ignore=shutil.ignore_patterns("runs", "metrics"))
-        settings = [f"grpo.iterations={args.iterations}", f"distributed.trainers={trainers}",
+        settings = [f"grpo.iterations={args.iterations}", "rollout.dynamic_sampling.filter=none",
+                    f"distributed.trainers={trainers}",
                     f"distributed.rollout_workers={workers}", f"rollout.max_lag={lag}"]
         overrides = [part for s in settings for part in ("--set", s)]
         started = time.perf_counter()

@@ -135,8 +135,9 @@ def reward_task(params: Params, layout: Layout, iteration: int) -> dict[str, Any
     if params.reward.workers:
         from flows.cluster import score_in_parallel
         return reward(params.reward, layout, iteration, params.rollout.group_size,
-                      score_in_parallel(params.reward.workers))
-    return reward(params.reward, layout, iteration, params.rollout.group_size)
+                      score_in_parallel(params.reward.workers), params.rollout.max_new_tokens)
+    return reward(params.reward, layout, iteration, params.rollout.group_size,
+                  max_new_tokens=params.rollout.max_new_tokens)
 
 
 @task(name="advantage", task_run_name="advantage-{iteration:04d}", **STAGE)
@@ -295,6 +296,11 @@ def run_from(params: Params, layout: Layout, run_name: str | None, stops: StopAt
             summary = write_training_metrics(layout, done)
             tracker.log_iteration(iteration, metrics)
             logger.info("iteration %d/%d: %s", iteration, params.grpo.iterations, describe(summary))
+            if metrics.get("rollout/groups_short"):  # dynamic sampling ran out of rounds
+                logger.warning("iteration %d: %d of %d groups had no signal after %d sampling rounds "
+                               "(rollout.dynamic_sampling.max_rounds); trained with them", iteration,
+                               metrics["rollout/groups_short"], params.rollout.prompts_per_iteration,
+                               metrics["rollout/rounds"])
             if iteration < params.grpo.iterations:
                 stops.check(f"iteration {iteration}")
         discard_after(layout, params.grpo.iterations)  # what an earlier, longer run left past this one's end

@@ -15,12 +15,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from stages.artifacts import Layout, write_parquet
 from stages.config import Params
+from stages.dynamic_sampling import sample_with_signal
 from stages.errors import DataError, RolloutError
 from stages.generation import sample
 from stages.groups import check_groups
 from stages.memory import memory_named
 from stages.modeling import autocast, check_context, context_limit, encode_prompts, eos_token_ids
 from stages.prepare import read_prompt_split
+from stages.reward import Scorer, score_rollouts
 
 
 def iteration_seed(seed: int, iteration: int, stream: int) -> int:
@@ -28,15 +30,30 @@ def iteration_seed(seed: int, iteration: int, stream: int) -> int:
     return int(np.random.SeedSequence([seed, iteration, stream]).generate_state(1)[0])
 
 
+def prompt_rows(available: int, count: int, seed: int, iteration: int, round: int = 0,
+                taken: frozenset[int] = frozenset()) -> np.ndarray:
+    """Rows of the training prompts an iteration draws, in file order. Round 0 is the iteration's draw;
+    a later round of dynamic sampling draws up to `count` of the rows not `taken` yet, from its own seed."""
+    if count > available:
+        raise DataError(f"rollout.prompts_per_iteration={count} exceeds the {available} training prompts")
+    if round == 0:
+        rows = np.random.default_rng(iteration_seed(seed, iteration, 0)).choice(available, size=count, replace=False)
+    else:
+        left = np.setdiff1d(np.arange(available), np.fromiter(taken, dtype=int, count=len(taken)))
+        rng = np.random.default_rng(np.random.SeedSequence([seed, iteration, 0, round]))
+        rows = rng.choice(left, size=min(count, len(left)), replace=False)
+    return np.sort(rows)
+
+
 def choose_prompts(train: pd.DataFrame, count: int, seed: int, iteration: int) -> pd.DataFrame:
-    if count > len(train):
-        raise DataError(f"rollout.prompts_per_iteration={count} exceeds the {len(train)} training prompts")
-    rows = np.random.default_rng(iteration_seed(seed, iteration, 0)).choice(len(train), size=count, replace=False)
-    return train.iloc[np.sort(rows)].reset_index(drop=True)
+    return train.iloc[prompt_rows(len(train), count, seed, iteration)].reset_index(drop=True)
 
 
-def sampling_seed(seed: int, iteration: int, share: int = 0) -> int:
-    """The sampling generator's seed for one rollout worker's share (share 0: the single process's)."""
+def sampling_seed(seed: int, iteration: int, share: int = 0, round: int = 0) -> int:
+    """The sampling generator's seed for one rollout worker's share (share 0: the single process's)
+    in one round of dynamic sampling (round 0: the iteration's first draw, the only one without it)."""
+    if round:
+        return int(np.random.SeedSequence([seed, iteration, 1, share, round]).generate_state(1)[0])
     if share == 0:
         return iteration_seed(seed, iteration, 1)
     return int(np.random.SeedSequence([seed, iteration, 1, share]).generate_state(1)[0])
@@ -56,7 +73,7 @@ def sampling_checkpoint(iteration: int, max_lag: int) -> int:
 
 def generate_rollouts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: pd.DataFrame,
                       params: Params, iteration: int, source: str = "data/prompts/train.parquet",
-                      share: int = 0) -> pd.DataFrame:
+                      share: int = 0, round: int = 0) -> pd.DataFrame:
     cfg = params.rollout
     prompt_ids = encode_prompts(tokenizer, prompts["prompt"].tolist(), params.data.system_prompt)
     # rollout.max_new_tokens may have grown since `reference` checked the prompts against the model.
@@ -64,7 +81,7 @@ def generate_rollouts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     if limit is not None:
         check_context(prompt_ids, [f"{source} prompt_id {pid!r}" for pid in prompts["prompt_id"]],
                       cfg.max_new_tokens, "rollout.max_new_tokens", *limit)
-    generator = torch.Generator(model.device).manual_seed(sampling_seed(params.seed, iteration, share))
+    generator = torch.Generator(model.device).manual_seed(sampling_seed(params.seed, iteration, share, round))
     model.eval()
     # Sampled under the update's precision: the first step's ratio is then 1, not a precision gap.
     with autocast(model.device, params.precision):
@@ -121,21 +138,41 @@ def iteration_prompts(params: Params, layout: Layout, iteration: int) -> pd.Data
 
 
 def generate_share(params: Params, layout: Layout, iteration: int, prompts: pd.DataFrame, model: PreTrainedModel,
-                   tokenizer: PreTrainedTokenizerBase, share: int = 0) -> pd.DataFrame:
-    """One worker's rollouts (the single process's: all prompts, share 0)."""
+                   tokenizer: PreTrainedTokenizerBase, share: int = 0, round: int = 0) -> pd.DataFrame:
+    """One worker's rollouts (the single process's: all prompts, share 0) of one sampling round."""
     cfg = params.rollout
     with memory_named(f"the rollout of iteration {iteration}",
                       f"{len(prompts)} prompts x G {cfg.group_size} decoded at once, up to "
                       f"{cfg.max_new_tokens} new tokens, vocabulary {model.config.vocab_size}",
                       "lower rollout.prompts_per_iteration or rollout.max_new_tokens"):
-        return generate_rollouts(model, tokenizer, prompts, params, iteration, str(layout.prompt_split("train")), share)
+        return generate_rollouts(model, tokenizer, prompts, params, iteration, str(layout.prompt_split("train")), share,
+                                 round)
 
 
 def rollout(params: Params, layout: Layout, iteration: int, model: PreTrainedModel,
-            tokenizer: PreTrainedTokenizerBase) -> dict[str, float]:
+            tokenizer: PreTrainedTokenizerBase, score: Scorer = score_rollouts) -> dict[str, float]:
+    """The iteration's rollouts; with `rollout.dynamic_sampling`, drawn in rounds until enough groups
+    carry a learning signal (`stages.dynamic_sampling`; `score` scores each round, as the reward stage does)."""
     started = time.perf_counter()
-    rollouts = generate_share(params, layout, iteration, iteration_prompts(params, layout, iteration), model, tokenizer)
-    return write_rollouts(params, layout, iteration, rollouts, time.perf_counter() - started)
+    if params.rollout.dynamic_sampling.filter == "none":
+        rollouts = generate_share(params, layout, iteration, iteration_prompts(params, layout, iteration), model,
+                                  tokenizer)
+        return write_rollouts(params, layout, iteration, rollouts, time.perf_counter() - started)
+    train, taken = read_prompt_split(layout, "train"), set()
+
+    def draw(round: int) -> pd.DataFrame:
+        rows = prompt_rows(len(train), params.rollout.prompts_per_iteration, params.seed, iteration, round,
+                           frozenset(taken))
+        taken.update(rows.tolist())
+        return train.iloc[rows].reset_index(drop=True)
+
+    rollouts, sampling = sample_with_signal(
+        params.rollout.prompts_per_iteration, params.rollout.dynamic_sampling.max_rounds, draw,
+        generate=lambda prompts, round: generate_share(params, layout, iteration, prompts, model, tokenizer, 0, round),
+        score=lambda rows: score(rows, params.reward, params.rollout.group_size,
+                                 f"iteration {iteration} sampling round {int(rows['round'].iloc[0])}",
+                                 params.rollout.max_new_tokens))
+    return {**write_rollouts(params, layout, iteration, rollouts, time.perf_counter() - started), **sampling}
 
 
 def write_rollouts(params: Params, layout: Layout, iteration: int, rollouts: pd.DataFrame,

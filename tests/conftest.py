@@ -46,6 +46,9 @@ TINY = [
     "sft.steps=60", "sft.batch_size=16", "sft.lr=0.01",
     "rollout.prompts_per_iteration=4", "rollout.group_size=4", "rollout.max_new_tokens=24",
     "grpo.iterations=2", "grpo.minibatch_size=8", "grpo.lr=0.001",
+    # One draw per iteration: the suite's scale-out tests need it, and its expectations were made
+    # so. Dynamic sampling is tested where it is asked for (test_dynamic_sampling, test_resume).
+    "rollout.dynamic_sampling.filter=none",
     "eval.max_new_tokens=24",
 ]
 
@@ -96,6 +99,15 @@ def prepare_tiny_project(root: Path, iterations: int, overrides: list[str] = ())
     prepare(params, Layout(root))
     reference(params, Layout(root))
     return root
+
+
+def train(root: Path, env: dict[str, str], kill_at: tuple[str, int] | None = None) -> subprocess.CompletedProcess:
+    """`grpo train` on `root` in its own process; with `kill_at` (point, iteration), SIGKILLed there
+    (tests/kill_at.py)."""
+    command = ["train", "--params", str(root / "params.yaml"), "--root", str(root)]
+    prefix = [sys.executable, str(ROOT / "tests" / "kill_at.py"), kill_at[0], str(kill_at[1])] if kill_at else \
+        [sys.executable, "-m", "flows.cli"]
+    return subprocess.run(prefix + command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
 def dvc_project(repo: Path, params_file: Path, env: dict[str, str]) -> dict[str, str]:

@@ -14,24 +14,25 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from conftest import ROOT, clean_env, dvc_project, outcome, prepare_tiny_project, start_prefect_server, stop, without_timings
+from conftest import (ROOT, clean_env, dvc_project, outcome, prepare_tiny_project, start_prefect_server, stop, train,
+                      without_timings)
 from stages.artifacts import Layout, file_digest
 
 ITERATIONS = 4
-HERE = Path(__file__).resolve().parent
 # Where torch splits kernels over two threads: the default width, and minibatches of 32 shuffled
 # completions, so each layer's shared-prompt keys (~60,000 elements) pass torch's 32,768-element
 # grain. On the suite's usual one-layer, 32-wide model every kernel ran on one thread, and two
 # threads' rounding differences went unseen (see test_generation's bit-identity test).
 PARALLEL = ["threads=2", "model.tiny.hidden_size=128", "model.tiny.num_heads=4", "model.tiny.intermediate_size=256",
-            "rollout.prompts_per_iteration=8", "rollout.group_size=8", "grpo.minibatch_size=32"]
+            "rollout.prompts_per_iteration=8", "rollout.group_size=8", "grpo.minibatch_size=32",
+            # Dynamic sampling on: its rounds are part of what every crash must resume through.
+            "rollout.dynamic_sampling.filter=zero_std", "rollout.dynamic_sampling.max_rounds=3"]
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +54,6 @@ def workspace(prepared: Path, tmp_path: Path, name: str) -> Path:
     root = tmp_path / name
     shutil.copytree(prepared, root)
     return root
-
-
-def train(root: Path, env: dict[str, str], kill_at: tuple[str, int] | None = None) -> subprocess.CompletedProcess:
-    command = ["train", "--params", str(root / "params.yaml"), "--root", str(root)]
-    prefix = [sys.executable, str(HERE / "kill_at.py"), kill_at[0], str(kill_at[1])] if kill_at else \
-        [sys.executable, "-m", "flows.cli"]
-    return subprocess.run(prefix + command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
 def artefacts_so_far(root: Path) -> dict:

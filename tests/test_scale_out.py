@@ -74,7 +74,7 @@ def weights_after_update(root: Path, overrides: list[str]) -> dict[str, torch.Te
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-@pytest.mark.parametrize("loss_agg", ["grpo", "dapo", "dr_grpo"])
+@pytest.mark.parametrize("loss_agg", ["grpo", "bnpo", "dapo", "dr_grpo"])
 def test_two_trainers_step_the_policy_as_one_process_does(one_iteration, local_ray, strategy, loss_agg):
     common = [f"grpo.loss_agg={loss_agg}", f"distributed.strategy={strategy}"]
     alone = weights_after_update(one_iteration, common)
