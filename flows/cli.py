@@ -2,6 +2,8 @@
 
     grpo run                       prepare → reference → train → evaluate
     grpo train --set grpo.beta=0   one stage, with a params override
+    grpo replay 37                 iteration 37's update again, from its files
+    grpo rescore 37 --set reward.weights.format=0.5
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import typer
 from flows.signals import Interrupted, stop_at_once
 from stages.artifacts import Layout
 from stages.config import Params, load_params
-from stages.errors import PipelineError, ServiceError, StoppedError
+from stages.errors import ConfigError, PipelineError, ServiceError, StoppedError
 from stages.runlock import exclusive_run
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
@@ -29,7 +31,7 @@ RootOption = typer.Option(Path("."), "--root", help="project directory holding d
 
 
 def _run(step: Callable[[Params, Layout], Any], params_file: Path, overrides: Optional[List[str]], root: Path,
-         command: str) -> Any:
+         command: str, show: Optional[Callable[[Any], None]] = None) -> Any:
     """Run a step, holding the project's run lock; a user-fixable problem becomes one line on
     stderr and exit code 1, a SIGINT/SIGTERM one line and 128 + its number."""
     try:
@@ -48,7 +50,9 @@ def _run(step: Callable[[Params, Layout], Any], params_file: Path, overrides: Op
     except PipelineError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from None
-    if isinstance(result, dict):
+    if show is not None:
+        show(result)
+    elif isinstance(result, dict):
         typer.echo(json.dumps(result, indent=2, sort_keys=True, default=str))
     return result
 
@@ -144,6 +148,82 @@ _command("train", train_step, "Run the GRPO iterations (resumes from the last co
 _command("evaluate", evaluate_step, "Greedy accuracy of reference and policy on held-out prompts → metrics/eval.json.")
 _command("run", pipeline, "The whole pipeline: prepare → reference → train → evaluate.")
 _command("sync", sync_step, "Complete the MLflow run and the Prefect flow run that an unreachable store or API missed.")
+
+
+def changed_params(params_file: Path, overrides: Optional[List[str]], section: str, command: str) -> Optional[Params]:
+    """The run's params with `--set` overrides, each of which must be a `section.*` key."""
+    for override in overrides or []:
+        key = override.partition("=")[0].strip()
+        if not key.startswith(f"{section}."):
+            raise ConfigError(f"grpo {command} --set {key}: only {section}.* keys can change here ({command} "
+                              f"{'recomputes the update' if section == 'grpo' else 're-scores the rollouts'} "
+                              f"of the iteration's files)")
+    return load_params(params_file, overrides) if overrides else None
+
+
+def _table(title: str, rows: dict[str, list], columns: list[str]) -> Any:
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ["", *columns]:
+        table.add_column(column, justify="right" if column else "left")
+    for name, values in rows.items():
+        table.add_row(name, *("" if v is None else f"{v:.10g}" if isinstance(v, float) else str(v) for v in values))
+    return table
+
+
+def show_replay(outcome: dict[str, Any]) -> None:
+    from rich.console import Console
+
+    console = Console(width=160)
+    columns = [name for name in ("recorded", "replayed", "changed") if name in outcome]
+    for part, title in (("first_step", "first optimizer step"), ("mean", "mean over the steps (update.json)")):
+        sources = [outcome[name].get(part, {}) for name in columns]
+        keys = list(dict.fromkeys(key for source in sources for key in source))
+        console.print(_table(f"iteration {outcome['iteration']}: {title}",
+                             {key: [source.get(key) for source in sources] for key in keys}, columns))
+    verdict = {True: "every recorded step reproduced bit for bit", False: "the replayed steps differ from update.json",
+               None: "update.json records no steps (written before they were kept): compare the means"}
+    console.print(f"exact: {outcome['exact']} ({verdict[outcome['exact']]})")
+
+
+def show_rescore(summary: dict[str, Any]) -> None:
+    from rich.console import Console
+
+    console = Console(width=160)
+    rows = {f"mean {name}": values for name, values in summary["mean"].items()}
+    rows["zero-std groups"] = summary["zero_std_groups"]
+    console.print(_table(f"iteration {summary['iteration']} re-scored", rows, ["recorded", "re-scored"]))
+    console.print(f"groups that gained a signal: {summary['gained_signal'] or 'none'}; lost it: "
+                  f"{summary['lost_signal'] or 'none'}")
+    console.print(f"advantages: largest change {summary['advantage_max_abs_change']:.6g}, "
+                  f"{summary['advantage_sign_flips']} changed sign; unchanged: {summary['unchanged']}")
+    console.print(f"written to {summary['written_to']}")
+
+
+@app.command("replay")
+def replay_command(iteration: int = typer.Argument(..., help="the iteration to replay"),
+                   params: Path = ParamsOption, set_: Optional[List[str]] = SetOption, root: Path = RootOption) -> None:
+    """Recompute ITERATION's update from its files (no generation) beside update.json; --set grpo.* to compare."""
+    def step(base: Params, layout: Layout) -> Any:
+        from stages.replay import replay
+
+        return replay(base, layout, iteration, changed_params(params, set_, "grpo", "replay"))
+    _run(step, params, [], root, "replay", show=show_replay)
+
+
+@app.command("rescore")
+def rescore_command(iteration: int = typer.Argument(..., help="the iteration to re-score"),
+                    params: Path = ParamsOption, set_: Optional[List[str]] = SetOption, root: Path = RootOption,
+                    name: Optional[str] = typer.Option(None, help="folder under rescored/ (default: the overrides)")
+                    ) -> None:
+    """Score ITERATION's rollouts again under --set reward.* into rescored/ (never over the run's files)."""
+    def step(base: Params, layout: Layout) -> Any:
+        from stages.rescore import rescore, rescore_name
+
+        changed = changed_params(params, set_, "reward", "rescore") or base
+        return rescore(base, layout, iteration, changed, rescore_name(set_ or []) if name is None else name)
+    _run(step, params, [], root, "rescore", show=show_rescore)
 
 
 @app.command("compare")

@@ -17,6 +17,7 @@ from typing import Any, Iterator
 
 from stages.artifacts import Layout, read_json, tree_digest, value_digest, write_json
 from stages.config import Params
+from stages.errors import ReplayError
 
 OUTPUTS = ("rollouts.parquet", "rewards.parquet", "advantages.parquet", "update.json")
 
@@ -156,3 +157,27 @@ def discard_after(layout: Layout, iteration: int) -> None:
         for path in folder.glob("[0-9]" * 4):
             if int(path.name) > iteration:
                 shutil.rmtree(path)
+
+
+def recorded_iteration(params: Params, layout: Layout, iteration: int) -> dict[str, Any]:
+    """The manifest of a done iteration whose files are as it wrote them and whose settings are
+    `params`'s, for reading it again (`grpo replay`, `grpo rescore`); else one line saying why not."""
+    folder = layout.iteration(iteration)
+    manifest = read_manifest(layout, iteration)
+    if manifest is None:
+        done = sorted(int(p.parent.name) for p in (layout.runs / "iterations").glob("*/manifest.json"))
+        have = f"done: {done[0]}..{done[-1]}" if done else "no iteration is done"
+        raise ReplayError(f"iteration {iteration}: {folder / 'manifest.json'} does not exist ({have})")
+    for name, digest in manifest["outputs"].items():
+        path = folder / name
+        if not path.is_file() or tree_digest(path) != digest:
+            raise ReplayError(f"{path} does not match its digest in manifest.json: it changed after iteration "
+                              f"{iteration} was done; `grpo train` redoes the iteration")
+    recorded, current = manifest["inputs"], training_fingerprint(params, layout)
+    culprits = {"params": "the params (--params, before --set)", "reference": str(layout.reference),
+                "train_prompts": str(layout.prompt_split("train"))}
+    for key, culprit in culprits.items():
+        if recorded.get(key) != current[key]:
+            raise ReplayError(f"iteration {iteration} ran with other inputs: {culprit} differ from what its "
+                              f"manifest.json recorded; pass the run's params file and change keys with --set")
+    return manifest
