@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import ROOT, clean_env, outcome, prepare_tiny_project, start_prefect_server, stop, train
+from conftest import ROOT, outcome, prepare_tiny_project, train
 from stages.artifacts import Layout, file_digest
 from stages.config import load_params
 from stages.dynamic_sampling import groups_with_signal, sample_with_signal
@@ -85,14 +85,6 @@ def test_dynamic_sampling_refuses_processes_it_does_not_drive(tiny_overrides):
 # --- through `grpo train`: the promise where users meet it -----------------------------------
 
 ITERATIONS = 4
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    environment = clean_env(tmp_path_factory.mktemp("state"))
-    server, api = start_prefect_server(environment)
-    yield {**environment, "PREFECT_API_URL": api}
-    stop(server)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import (ROOT, clean_env, dvc_project, outcome, prepare_tiny_project, start_prefect_server, stop, train,
+from conftest import (ROOT, dvc_project, outcome, prepare_tiny_project, train,
                       without_timings)
 from stages.artifacts import Layout, file_digest
 
@@ -33,15 +33,6 @@ PARALLEL = ["threads=2", "model.tiny.hidden_size=128", "model.tiny.num_heads=4",
             "rollout.prompts_per_iteration=8", "rollout.group_size=8", "grpo.minibatch_size=32",
             # Dynamic sampling on: its rounds are part of what every crash must resume through.
             "rollout.dynamic_sampling.filter=zero_std", "rollout.dynamic_sampling.max_rounds=3"]
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    environment = clean_env(tmp_path_factory.mktemp("state"))
-    # One server for all runs: a killed process cannot stop a temporary server of its own.
-    server, api = start_prefect_server(environment)
-    yield {**environment, "PREFECT_API_URL": api}
-    stop(server)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import psutil
 import pytest
 import torch
 
-from conftest import ROOT, clean_env, dvc_project, outcome, prepare_tiny_project, start_prefect_server, stop
+from conftest import ROOT, dvc_project, outcome, prepare_tiny_project
 from stages.advantage import advantage
 from stages.artifacts import Layout, read_json
 from stages.config import load_params
@@ -138,14 +138,6 @@ LAGGED = ["distributed.rollout_workers=2", "rollout.max_lag=1", "threads=1"]
 @pytest.fixture(scope="module")
 def lagged_project(tmp_path_factory):
     return prepare_tiny_project(tmp_path_factory.mktemp("lagged"), 4, LAGGED)
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    environment = clean_env(tmp_path_factory.mktemp("state"))
-    server, api = start_prefect_server(environment)
-    yield {**environment, "PREFECT_API_URL": api}
-    stop(server)
 
 
 def grpo_train(root: Path, env: dict[str, str], *extra: str) -> subprocess.Popen:
