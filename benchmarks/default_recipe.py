@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,6 +77,7 @@ def train_and_evaluate(root: str, overrides: list[str]) -> dict:
     from stages.reward import reward
     from stages.rollout import rollout
     from stages.update import update
+    from stages.vllm_server import vllm_engine
 
     params, layout = load_params(Path(root) / "params.yaml", overrides), Layout(Path(root))
     configure_threads(params)
@@ -83,12 +85,14 @@ def train_and_evaluate(root: str, overrides: list[str]) -> dict:
     state = load_train_state(params, layout, 0)
     reference = load_reference(params, layout, state)
     seen = []
-    for iteration in range(1, params.grpo.iterations + 1):
-        metrics = rollout(params, layout, iteration, state.model, state.tokenizer)
-        metrics |= reward(params.reward, layout, iteration, params.rollout.group_size)
-        metrics |= advantage(params.grpo, params.rollout.group_size, layout, iteration)
-        metrics |= update(params, layout, iteration, state, reference)
-        seen.append(metrics)
+    with vllm_engine(params, layout) if params.rollout.engine == "vllm" else nullcontext() as engine:
+        started, cpu_started = time.perf_counter(), time.process_time()  # a vLLM server's start-up left out
+        for iteration in range(1, params.grpo.iterations + 1):
+            metrics = rollout(params, layout, iteration, state.model, state.tokenizer, engine=engine)
+            metrics |= reward(params.reward, layout, iteration, params.rollout.group_size)
+            metrics |= advantage(params.grpo, params.rollout.group_size, layout, iteration)
+            metrics |= update(params, layout, iteration, state, reference)
+            seen.append(metrics)
     save_policy(state.model, state.tokenizer, layout.policy)
     # CPU seconds as well as wall: with one thread per process, the work an arm costs whatever
     # runs beside it (arms of one seed run concurrently in separate processes).
@@ -101,7 +105,11 @@ def train_and_evaluate(root: str, overrides: list[str]) -> dict:
             "reference_accuracy": scores["reference_accuracy"], **{k: v for k, v in scores.items() if "language" in k},
             "last20_reward": sum(m["reward"] for m in last) / len(last),
             "prompts_consumed": sum(m.get("rollout/prompts_consumed", params.rollout.prompts_per_iteration)
-                                    for m in seen)}
+                                    for m in seen),
+            # vLLM's sampling log-probs against the trainer's, per iteration (rollout.engine: vllm)
+            **({"logprob_diff_mean": [m["rollout/logprob_diff_mean"] for m in seen],
+                "logprob_diff_max": [m["rollout/logprob_diff_max"] for m in seen]}
+               if params.rollout.engine == "vllm" else {})}
 
 
 def main() -> None:

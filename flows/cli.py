@@ -226,6 +226,24 @@ def rescore_command(iteration: int = typer.Argument(..., help="the iteration to 
     _run(step, params, [], root, "rescore", show=show_rescore)
 
 
+@app.command("vllm-server")
+def vllm_server_command(params: Path = ParamsOption, set_: Optional[List[str]] = SetOption, root: Path = RootOption,
+                        port: int = typer.Option(8000, help="the port to serve on"),
+                        host: str = typer.Option("127.0.0.1", help="the address to bind (0.0.0.0: every interface)"),
+                        ) -> None:
+    """Run a vLLM server for rollout.vllm.urls in the foreground, serving models/reference (Ctrl-C stops it)."""
+    def step(base: Params, layout: Layout) -> Any:
+        from stages.vllm_server import server_command, server_environment, vllm_python
+
+        command = server_command(vllm_python(base, layout), layout.reference, port, base, parent=0, host=host)
+        typer.echo(f"serving {layout.reference} at http://{host}:{port}: set rollout.vllm.urls: "
+                   f"['http://<this machine>:{port}'] (runs/ must be at the same path here: weights come as files)",
+                   err=True)
+        os.chdir(layout.root)
+        os.execve(command[0], command, server_environment(base))
+    _run(step, params, set_, root, "check")  # holds no run lock: a server outlives runs
+
+
 @app.command("compare")
 def compare(
     runs: Optional[List[str]] = typer.Argument(None, help="MLflow run ids or names (default: the last two)"),

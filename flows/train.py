@@ -49,6 +49,8 @@ from stages.report import write_training_metrics
 from stages.reward import reward
 from stages.rollout import rollout
 from stages.update import TrainState, update
+from stages.vllm_engine import VllmEngine
+from stages.vllm_server import vllm_engine
 
 
 def transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -112,9 +114,10 @@ class InProcess:
 
     state: TrainState
     reference: PreTrainedModel | None
+    vllm: VllmEngine | None = None  # rollout.engine: vllm: the servers that sample, fed the checkpoints as files
 
     def rollout(self, params: Params, layout: Layout, iteration: int) -> dict[str, Any]:
-        return rollout(params, layout, iteration, self.state.model, self.state.tokenizer)
+        return rollout(params, layout, iteration, self.state.model, self.state.tokenizer, engine=self.vllm)
 
     def update(self, params: Params, layout: Layout, iteration: int) -> dict[str, Any]:
         return update(params, layout, iteration, self.state, self.reference)
@@ -236,13 +239,15 @@ def stage_engine(params: Params, layout: Layout, start: int, logger: Any) -> Ite
     """Where rollout and update run from iteration `start` on: this process (every `distributed`
     default), or the processes `flows.cluster` places on Ray. Ray is imported only when used."""
     if not needs_ray(params):
-        yield in_process(params, layout, start, logger)
+        with sampling_engine(params, layout, logger) as vllm:
+            yield in_process(params, layout, start, logger, vllm)
         return
     from flows.cluster import Cluster, logical_cpus, ray_session
 
     with ray_session(params.distributed, logical_cpus(params)):
         if not uses_ray(params):  # only the reward scorers are Ray's
-            yield in_process(params, layout, start, logger)
+            with sampling_engine(params, layout, logger) as vllm:
+                yield in_process(params, layout, start, logger, vllm)
             return
         d = params.distributed
         logger.info("on Ray: %d trainer(s) (%s), %d rollout worker(s), max_lag %d, %d reward worker(s)",
@@ -254,7 +259,21 @@ def stage_engine(params: Params, layout: Layout, start: int, logger: Any) -> Ite
             cluster.close()
 
 
-def in_process(params: Params, layout: Layout, start: int, logger: Any) -> InProcess:
+@contextmanager
+def sampling_engine(params: Params, layout: Layout, logger: Any) -> Iterator[VllmEngine | None]:
+    """The vLLM servers of `rollout.engine: vllm` for the length of the run (one started here, or the
+    user's `rollout.vllm.urls`); None for the native engine, which samples with the trainer's model."""
+    if params.rollout.engine != "vllm":
+        yield None
+        return
+    if not params.rollout.vllm.urls:
+        logger.info("starting a vLLM server (rollout.engine: vllm); it takes ~1 min on CPU")
+    with vllm_engine(params, layout) as engine:
+        logger.info("sampling with vLLM at %s", ", ".join(server.url for server in engine.servers))
+        yield engine
+
+
+def in_process(params: Params, layout: Layout, start: int, logger: Any, vllm: VllmEngine | None = None) -> InProcess:
     state = load_train_state(params, layout, start)
     reference = load_reference(params, layout, state)
     if params.compile:
@@ -264,7 +283,7 @@ def in_process(params: Params, layout: Layout, start: int, logger: Any) -> InPro
         compile_forward(state.model)
         if separate:
             compile_forward(reference)
-    return InProcess(state, reference)
+    return InProcess(state, reference, vllm)
 
 
 def run_from(params: Params, layout: Layout, run_name: str | None, stops: StopAtBoundary, fingerprint: dict[str, str],

@@ -6,6 +6,7 @@ is. Unknown keys are errors, so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -93,7 +94,46 @@ class DynamicSampling(Section):
     max_rounds: int = Field(ge=1)
 
 
+class VllmConfig(Section):
+    """`rollout.engine: vllm`: where the vLLM servers are and how the trainer treats their log-probs."""
+
+    # Servers the user runs ("http://host:port"), each taking whole prompt groups; [] = the run
+    # starts one on 127.0.0.1 from `python` and stops it at its end.
+    urls: list[str]
+    python: str  # the vLLM environment's interpreter; "" = .venv-vllm/bin/python in the project (`make vllm`)
+    port: int = Field(ge=0, le=65535)  # the started server's port; 0 = a free one
+    threads: int = Field(ge=0)  # the started server's CPU threads; 0 = one per core
+    max_model_len: int = Field(ge=0)  # the started server's context (prompt + completion); 0 = the model's
+    kv_cache_gib: int = Field(ge=1)  # CPU: the KV cache's memory (VLLM_CPU_KVCACHE_SPACE, whole GiB)
+    gpu_memory_utilization: float = Field(gt=0, le=1)  # CUDA: vLLM's share of the GPU (it shares it with the trainer)
+    startup_timeout_seconds: float = Field(gt=0)
+    # The ratio's pi_old: `engine`, the server's sampling log-probs; `trainer`, the trainer's own
+    # log-probs of the same tokens before the update (verl's recompute; bf16 engines differ).
+    logprobs: Literal["engine", "trainer"]
+    # Truncated importance sampling: each token's policy-gradient term weighed by
+    # min(pi_trainer / pi_engine, tis_cap) (verl's rollout correction, TRL's vLLM IS); null = off.
+    tis_cap: float | None = Field(ge=1)  # below 1 it would shrink tokens the engine and trainer agree on
+
+    @field_validator("urls")
+    @classmethod
+    def _http_urls(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            if not re.fullmatch(r"https?://[A-Za-z0-9_.\-\[\]:]+(:[0-9]{1,5})?/?", url):
+                raise ValueError(f"{url!r} is not a server address: use 'http://host:port'")
+        return [url.rstrip("/") for url in urls]
+
+    @model_validator(mode="after")
+    def _tis_corrects_the_trainer_ratio(self) -> VllmConfig:
+        if self.tis_cap is not None and self.logprobs != "trainer":
+            raise ValueError("tis_cap needs logprobs: trainer (the ratio then starts from the trainer's "
+                             "log-probs, and the capped weight pi_trainer / pi_engine corrects for the engine's)")
+        return self
+
+
 class RolloutConfig(Section):
+    # native: the project's own decode loop in the training process (the default: fastest for
+    # small models); vllm: a vLLM service of its own (rollout.vllm)
+    engine: Literal["native", "vllm"]
     group_size: int = Field(ge=2)  # G: a group of one has no relative advantage
     prompts_per_iteration: int = Field(gt=0)
     temperature: float = Field(gt=0)
@@ -103,6 +143,7 @@ class RolloutConfig(Section):
     # that far ahead of the update. 0 = on-policy, today's loop.
     max_lag: int = Field(ge=0)
     dynamic_sampling: DynamicSampling
+    vllm: VllmConfig
 
 
 class RewardConfig(Section):
@@ -237,6 +278,11 @@ class Params(Section):
             raise ValueError("rollout.dynamic_sampling.filter: zero_std scores each sampling round in this process, "
                              "so it needs distributed.trainers 1, distributed.rollout_workers 1 and rollout.max_lag 0 "
                              "(set filter: none to scale out)")
+        if self.rollout.engine == "vllm" and (workers > 1 or trainers > 1):
+            raise ValueError("rollout.engine: vllm generates in the vLLM servers (several: rollout.vllm.urls), so it "
+                             "needs distributed.rollout_workers 1 and, for now, distributed.trainers 1")
+        if self.rollout.engine == "vllm" and self.model.lora.r > 512:
+            raise ValueError(f"model.lora.r={self.model.lora.r}: vLLM serves adapters of rank 512 at most")
         if self.rollout.max_lag > self.grpo.iterations:
             raise ValueError(f"rollout.max_lag={self.rollout.max_lag} exceeds grpo.iterations={self.grpo.iterations}")
         return self

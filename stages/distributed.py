@@ -33,7 +33,10 @@ from stages.logprobs import readout
 
 
 def uses_ray(params: Params) -> bool:
-    """Whether any process of the run lives outside this one. Every default: no."""
+    """Whether any process of the run lives outside this one. Every default: no. With the vLLM
+    engine the trainer is this process and the servers are vLLM's own: Ray places nothing."""
+    if params.rollout.engine == "vllm":
+        return False
     d = params.distributed
     return d.address != "" or d.trainers > 1 or d.rollout_workers > 1 or params.rollout.max_lag > 0
 

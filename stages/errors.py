@@ -80,3 +80,7 @@ class ReplayError(PipelineError, ValueError):
 
 class WorkerError(PipelineError, RuntimeError):
     """A process of the cluster (trainer rank, rollout worker, reward scorer, Ray node) died or failed."""
+
+
+class EngineError(PipelineError, RuntimeError):
+    """An inference engine's server (vLLM) that is missing, does not start, answer or load, naming it."""

@@ -39,6 +39,13 @@ def training_fingerprint(params: Params, layout: Layout) -> dict[str, str]:
     # change how a step's sums are split (within float error), like the micro-batch size.
     shaping["rollout_workers"] = params.distributed.rollout_workers
     shaping["grpo"].pop("micro_batch_size")  # how a step's rows are cut for memory: the same step
+    # Where the vLLM servers run and with what resources, not what they sample: a request's draws
+    # are seeded per prompt, so how many servers share an iteration changes nothing either.
+    # The native engine's runs keep the fingerprint they had before there was another engine.
+    vllm = shaping["rollout"].pop("vllm")
+    if shaping["rollout"].pop("engine") == "vllm":
+        shaping["rollout"]["engine"] = "vllm"
+        shaping["rollout"]["vllm"] = {key: vllm[key] for key in ("logprobs", "tis_cap")}
     return {
         "params": value_digest(shaping),
         "reference": tree_digest(layout.reference),

@@ -132,6 +132,27 @@ def drop_truncated(mask: Tensor, truncated: Tensor | None) -> Tensor:
     return mask if truncated is None else mask * (~truncated.to(mask.device, torch.bool))[:, None].to(mask.dtype)
 
 
+# --- the sampling engine's log-probs ----------------------------------------------------
+# An engine other than the trainer (vLLM) computes the sampled tokens' log-probs with its own
+# kernels: in fp32 they agree to ~1e-5, in bf16 far less. The trainer measures the gap, and can
+# correct for it with truncated importance sampling (verl's rollout correction, TRL's
+# vllm_importance_sampling_correction, after "Your efficient RL framework secretly brings you
+# off-policy RL training", Yao et al. 2025).
+
+
+def logprob_gap(trainer_logp: Tensor, engine_logp: Tensor, mask: Tensor) -> dict[str, float]:
+    """Mean and max |trainer - engine| over the completion tokens (`mask` [B, T])."""
+    on = mask.bool()
+    gap = (trainer_logp - engine_logp).abs()[on]
+    return {"mean": float(gap.mean()) if gap.numel() else 0.0, "max": float(gap.max()) if gap.numel() else 0.0}
+
+
+def truncated_is_weights(trainer_logp: Tensor, engine_logp: Tensor, cap: float) -> Tensor:
+    """min(pi_trainer / pi_engine, cap) per token, a constant: the tokens were drawn from the engine's
+    distribution, and the capped ratio re-weighs them towards the trainer's with bounded variance."""
+    return torch.exp(trainer_logp - engine_logp).clamp(max=cap).detach()
+
+
 # --- aggregation ------------------------------------------------------------------------
 # Each aggregation is a sum over the completions' tokens divided by a count. Split that way, a
 # minibatch processed in micro-batches divides each part's sum by the count of the whole
@@ -203,8 +224,8 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, advantage
               loss_agg: str = "grpo", max_new_tokens: int | None = None,
               normaliser: float | None = None, kl_estimator: str = "k3", clip_ratio_c: float | None = None,
               delta: float | None = None, importance_level: str = "token", policy_loss: str = "ppo",
-              truncated: Tensor | None = None,
-              iteration_mask: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+              truncated: Tensor | None = None, iteration_mask: Tensor | None = None,
+              is_weights: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
     """Clipped policy-gradient loss with a KL penalty to the reference (k3 by default).
 
     logp, old_logp, ref_logp, mask: [B, T]; advantages: [B]. `old_logp` is the sampling
@@ -213,6 +234,8 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, advantage
     of it; by default these rows' own (they are the minibatch; `iteration_mask`, already
     without truncated completions, is the iteration's for `dapo`). `truncated` [B]: the
     completions that hit max_new_tokens, which then carry no loss (mask_truncated_completions).
+    `is_weights` [B, T]: truncated importance weights of the sampling engine's tokens
+    (`truncated_is_weights`), which scale each token's policy-gradient term, not its KL (verl).
     The keyword defaults are the DeepSeekMath objective (`params.yaml` documents the variants).
     """
     if kl_estimator not in KL_ESTIMATORS:
@@ -231,6 +254,8 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, advantage
     else:
         raise ValueError(f"grpo.policy_loss: unknown {policy_loss!r} (ppo, cispo)")
     per_token = -surrogate  # [B, 1] with importance_level sequence and ppo: broadcast by the mask
+    if is_weights is not None:
+        per_token = per_token * is_weights
     stats: dict[str, float] = {}
     if beta != 0.0:
         if ref_logp is None:

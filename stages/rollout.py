@@ -18,11 +18,13 @@ from stages.config import Params
 from stages.dynamic_sampling import sample_with_signal
 from stages.errors import DataError, RolloutError
 from stages.generation import sample
+from stages.manifest import checkpoint_path
 from stages.groups import check_groups
 from stages.memory import memory_named
 from stages.modeling import autocast, check_context, context_limit, encode_prompts, eos_token_ids
 from stages.prepare import read_prompt_split
 from stages.reward import Scorer, score_rollouts
+from stages.vllm_engine import VllmEngine, request_seed
 
 
 def iteration_seed(seed: int, iteration: int, stream: int) -> int:
@@ -73,7 +75,9 @@ def sampling_checkpoint(iteration: int, max_lag: int) -> int:
 
 def generate_rollouts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: pd.DataFrame,
                       params: Params, iteration: int, source: str = "data/prompts/train.parquet",
-                      share: int = 0, round: int = 0) -> pd.DataFrame:
+                      share: int = 0, round: int = 0, engine: VllmEngine | None = None) -> pd.DataFrame:
+    """G completions per prompt from our decode loop over `model`, or from the vLLM servers of
+    `engine` (then `model` is the trainer's, read for its context length and eos ids only)."""
     cfg = params.rollout
     prompt_ids = encode_prompts(tokenizer, prompts["prompt"].tolist(), params.data.system_prompt)
     # rollout.max_new_tokens may have grown since `reference` checked the prompts against the model.
@@ -81,13 +85,21 @@ def generate_rollouts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     if limit is not None:
         check_context(prompt_ids, [f"{source} prompt_id {pid!r}" for pid in prompts["prompt_id"]],
                       cfg.max_new_tokens, "rollout.max_new_tokens", *limit)
-    generator = torch.Generator(model.device).manual_seed(sampling_seed(params.seed, iteration, share, round))
-    model.eval()
-    # Sampled under the update's precision: the first step's ratio is then 1, not a precision gap.
-    with autocast(model.device, params.precision):
-        out = sample(model, prompt_ids, group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
-                     eos_ids=eos_token_ids(model, tokenizer), pad_id=tokenizer.pad_token_id,
-                     temperature=cfg.temperature, top_p=cfg.top_p, generator=generator)
+    if engine is not None:
+        labels = [f"{source} prompt_id {pid!r}" for pid in prompts["prompt_id"]]
+        engine.check_context(prompt_ids, labels, cfg.max_new_tokens)
+        out = engine.sample(prompt_ids, [request_seed(params.seed, iteration, pid) for pid in prompts["prompt_id"]],
+                            group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
+                            eos_ids=eos_token_ids(model, tokenizer), temperature=cfg.temperature, top_p=cfg.top_p,
+                            where=f"the rollout of iteration {iteration}")
+    else:
+        generator = torch.Generator(model.device).manual_seed(sampling_seed(params.seed, iteration, share, round))
+        model.eval()
+        # Sampled under the update's precision: the first step's ratio is then 1, not a precision gap.
+        with autocast(model.device, params.precision):
+            out = sample(model, prompt_ids, group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
+                         eos_ids=eos_token_ids(model, tokenizer), pad_id=tokenizer.pad_token_id,
+                         temperature=cfg.temperature, top_p=cfg.top_p, generator=generator)
     lengths = out.lengths.tolist()
     completion_ids = [row[:n] for row, n in zip(out.completion_ids.tolist(), lengths)]
     repeat = np.repeat(np.arange(len(prompts)), cfg.group_size)
@@ -138,7 +150,8 @@ def iteration_prompts(params: Params, layout: Layout, iteration: int) -> pd.Data
 
 
 def generate_share(params: Params, layout: Layout, iteration: int, prompts: pd.DataFrame, model: PreTrainedModel,
-                   tokenizer: PreTrainedTokenizerBase, share: int = 0, round: int = 0) -> pd.DataFrame:
+                   tokenizer: PreTrainedTokenizerBase, share: int = 0, round: int = 0,
+                   engine: VllmEngine | None = None) -> pd.DataFrame:
     """One worker's rollouts (the single process's: all prompts, share 0) of one sampling round."""
     cfg = params.rollout
     with memory_named(f"the rollout of iteration {iteration}",
@@ -146,18 +159,30 @@ def generate_share(params: Params, layout: Layout, iteration: int, prompts: pd.D
                       f"{cfg.max_new_tokens} new tokens, vocabulary {model.config.vocab_size}",
                       "lower rollout.prompts_per_iteration or rollout.max_new_tokens"):
         return generate_rollouts(model, tokenizer, prompts, params, iteration, str(layout.prompt_split("train")), share,
-                                 round)
+                                 round, engine)
+
+
+def load_sampling_weights(params: Params, layout: Layout, iteration: int, engine: VllmEngine) -> dict[str, float]:
+    """The vLLM servers' weights: the checkpoint the schedule names for `iteration`, reloaded in place
+    from its directory unless they hold it already (a resumed run, or one sharing a server, reloads)."""
+    checkpoint = sampling_checkpoint(iteration, params.rollout.max_lag)
+    if engine.holds == checkpoint:
+        return {}
+    return {"seconds/weight_reload": engine.load_checkpoint(checkpoint, checkpoint_path(layout, checkpoint))}
 
 
 def rollout(params: Params, layout: Layout, iteration: int, model: PreTrainedModel,
-            tokenizer: PreTrainedTokenizerBase, score: Scorer = score_rollouts) -> dict[str, float]:
+            tokenizer: PreTrainedTokenizerBase, score: Scorer = score_rollouts,
+            engine: VllmEngine | None = None) -> dict[str, float]:
     """The iteration's rollouts; with `rollout.dynamic_sampling`, drawn in rounds until enough groups
-    carry a learning signal (`stages.dynamic_sampling`; `score` scores each round, as the reward stage does)."""
+    carry a learning signal (`stages.dynamic_sampling`; `score` scores each round, as the reward stage does).
+    `engine`: the vLLM servers that sample (`rollout.engine: vllm`); None: our loop over `model`."""
+    reload = load_sampling_weights(params, layout, iteration, engine) if engine is not None else {}
     started = time.perf_counter()
     if params.rollout.dynamic_sampling.filter == "none":
         rollouts = generate_share(params, layout, iteration, iteration_prompts(params, layout, iteration), model,
-                                  tokenizer)
-        return write_rollouts(params, layout, iteration, rollouts, time.perf_counter() - started)
+                                  tokenizer, engine=engine)
+        return {**write_rollouts(params, layout, iteration, rollouts, time.perf_counter() - started), **reload}
     train, taken = read_prompt_split(layout, "train"), set()
 
     def draw(round: int) -> pd.DataFrame:
@@ -168,11 +193,12 @@ def rollout(params: Params, layout: Layout, iteration: int, model: PreTrainedMod
 
     rollouts, sampling = sample_with_signal(
         params.rollout.prompts_per_iteration, params.rollout.dynamic_sampling.max_rounds, draw,
-        generate=lambda prompts, round: generate_share(params, layout, iteration, prompts, model, tokenizer, 0, round),
+        generate=lambda prompts, round: generate_share(params, layout, iteration, prompts, model, tokenizer, 0, round,
+                                                       engine),
         score=lambda rows: score(rows, params.reward, params.rollout.group_size,
                                  f"iteration {iteration} sampling round {int(rows['round'].iloc[0])}",
                                  params.rollout.max_new_tokens))
-    return {**write_rollouts(params, layout, iteration, rollouts, time.perf_counter() - started), **sampling}
+    return {**write_rollouts(params, layout, iteration, rollouts, time.perf_counter() - started), **sampling, **reload}
 
 
 def write_rollouts(params: Params, layout: Layout, iteration: int, rollouts: pd.DataFrame,

