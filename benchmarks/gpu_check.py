@@ -17,6 +17,11 @@ missing wheels, downloaded here into an ignored folder:
         -d .wheels "pydantic>=2.7,<3" "math-verify>=0.7,<0.10"
     # on the machine:
     pip install --no-index --no-deps .wheels/*.whl && python benchmarks/gpu_check.py --out $OUT
+
+With `--set rollout.engine=vllm` the rollouts come from a vLLM server (bf16 on CUDA) started
+from `.venv-vllm`, and each iteration reports the gap between its log-probs and the trainer's.
+That needs vLLM on the machine: its CUDA wheel (~400 MB with its kernels) is far over what a
+lent machine can be carried (64 MiB), so it runs where vLLM is installed (`make vllm`).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import json
 import statistics
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,13 +69,11 @@ def main() -> None:
     import torch
 
     from memory import inputs_for
-    from stages.advantage import advantage
     from stages.artifacts import Layout
     from stages.config import load_params
     from stages.modeling import dtype_for, load_model, load_tokenizer, resolve_device
-    from stages.reward import reward
-    from stages.rollout import rollout
-    from stages.update import TrainState, make_optimizer, update
+    from stages.update import TrainState, make_optimizer
+    from stages.vllm_server import vllm_engine
 
     overrides = [*SHAPE, f"device={args.device}", f"grpo.iterations={args.iterations}", *args.set]
     inputs = inputs_for(args.work / f"v{args.vocabulary}-h{args.hidden}-l{args.layers}", args.vocabulary, overrides,
@@ -88,25 +92,11 @@ def main() -> None:
     parameters = sum(p.numel() for p in model.parameters())
     cuda = device.type == "cuda"
     rows = []
-    for iteration in range(1, args.iterations + 1):
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        started = time.perf_counter()
-        rolled = rollout(params, layout, iteration, state.model, state.tokenizer)
-        reward(params.reward, layout, iteration)
-        advantage(params.grpo, params.rollout.group_size, layout, iteration)
-        updated = update(params, layout, iteration, state, frozen)
-        if cuda:
-            torch.cuda.synchronize()
-        update_seconds = updated["seconds/update"] - updated["seconds/reference"]
-        rows.append({
-            "iteration": iteration, "seconds": time.perf_counter() - started,
-            "seconds/rollout": rolled["seconds/rollout"], "seconds/reference": updated["seconds/reference"],
-            "seconds/update": update_seconds, "rollout_tokens_per_second": rolled["rollout/tokens_per_second"],
-            "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-            "update_flops_per_second": 6 * parameters * positions_fed(layout, iteration) * params.grpo.mu / update_seconds,
-        })
-        print(json.dumps(rows[-1]), flush=True)
+    with ExitStack() as stack:
+        engine = stack.enter_context(vllm_engine(params, layout)) if params.rollout.engine == "vllm" else None
+        for iteration in range(1, args.iterations + 1):
+            rows.append(one_iteration(params, layout, iteration, state, frozen, engine, parameters, cuda))
+            print(json.dumps(rows[-1]), flush=True)
     steady = rows[1:] or rows
     summary = {key: statistics.median(row[key] for row in steady) for key in rows[0]
                if key != "iteration" and rows[0][key] is not None}
@@ -117,6 +107,35 @@ def main() -> None:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "gpu_check.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+def one_iteration(params, layout, iteration: int, state, frozen, engine, parameters: int, cuda: bool) -> dict:
+    import torch
+
+    from stages.advantage import advantage
+    from stages.reward import reward
+    from stages.rollout import rollout
+    from stages.update import update
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    rolled = rollout(params, layout, iteration, state.model, state.tokenizer, engine=engine)
+    reward(params.reward, layout, iteration)
+    advantage(params.grpo, params.rollout.group_size, layout, iteration)
+    updated = update(params, layout, iteration, state, frozen)
+    if cuda:
+        torch.cuda.synchronize()
+    update_seconds = updated["seconds/update"] - updated["seconds/reference"]
+    return {
+        "iteration": iteration, "seconds": time.perf_counter() - started,
+        "seconds/rollout": rolled["seconds/rollout"], "seconds/reference": updated["seconds/reference"],
+        "seconds/update": update_seconds, "rollout_tokens_per_second": rolled["rollout/tokens_per_second"],
+        "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "update_flops_per_second": 6 * parameters * positions_fed(layout, iteration) * params.grpo.mu / update_seconds,
+        # rollout.engine: vllm: its sampling log-probs beside the trainer's (bf16 on both sides on a GPU)
+        **{key: updated[key] for key in ("rollout/logprob_diff_mean", "rollout/logprob_diff_max") if key in updated},
+    }
 
 
 if __name__ == "__main__":

@@ -57,6 +57,12 @@ def test_overrides_are_parsed_as_yaml_values():
     ("device=tpu", "device: Input should be 'auto', 'cpu' or 'cuda'"),
     ("compile=sometimes", "compile: Input should be a valid boolean"),
     ("grpo.iterations=many", "grpo.iterations: Input should be a valid integer"),
+    ("rollout.engine=sglang", "rollout.engine: Input should be 'native' or 'vllm'"),
+    ("rollout.vllm.urls=['localhost:8000']", "rollout.vllm.urls: 'localhost:8000' is not a server address"),
+    ("rollout.vllm.tis_cap=2", "rollout.vllm: tis_cap needs logprobs: trainer"),
+    ("rollout.vllm.tis_cap=0.5", "rollout.vllm.tis_cap: Input should be greater than or equal to 1"),
+    ("rollout.vllm.logprobs=server", "rollout.vllm.logprobs: Input should be 'engine' or 'trainer'"),
+    ("rollout.vllm.kv_cache_gib=0", "rollout.vllm.kv_cache_gib: Input should be greater than or equal to 1"),
 ])
 def test_a_bad_value_is_one_line_naming_the_key(override, message):
     with pytest.raises(ConfigError) as error:
@@ -96,3 +102,33 @@ def test_a_missing_key_and_a_missing_file_are_named(tmp_path):
         load_params(partial)
     with pytest.raises(ConfigError, match="file not found"):
         load_params(tmp_path / "nope.yaml")
+
+
+def test_the_vllm_engine_refuses_the_process_layouts_it_does_not_serve():
+    base = ["rollout.engine=vllm", "rollout.dynamic_sampling.filter=none"]
+    for override in ("distributed.trainers=2", "distributed.rollout_workers=2"):
+        with pytest.raises(ConfigError, match=r"rollout.engine: vllm generates in the vLLM servers \(several: "
+                                              r"rollout.vllm.urls\)"):
+            load_params(PARAMS, [*base, override])
+    with pytest.raises(ConfigError, match="model.lora.r=600: vLLM serves adapters of rank 512 at most"):
+        load_params(PARAMS, [*base, "model.lora.r=600"])
+    assert load_params(PARAMS, [*base, "rollout.max_lag=1"]).rollout.max_lag == 1  # sampled ahead by the schedule
+
+
+def test_where_the_vllm_servers_run_is_not_part_of_what_an_iteration_computes(tmp_path):
+    from stages.artifacts import Layout
+    from stages.manifest import training_fingerprint
+
+    layout = Layout(tmp_path)
+    layout.reference.mkdir(parents=True)
+    layout.prompts.mkdir(parents=True)
+
+    def fingerprint(*overrides: str) -> str:
+        return training_fingerprint(load_params(PARAMS, list(overrides)), layout)["params"]
+
+    vllm = fingerprint("rollout.engine=vllm")
+    assert fingerprint() != vllm
+    assert fingerprint("rollout.vllm.logprobs=trainer") == fingerprint()  # the native engine ignores the section
+    assert fingerprint("rollout.engine=vllm", "rollout.vllm.urls=['http://127.0.0.1:9']", "rollout.vllm.threads=1",
+                       "rollout.vllm.port=8001", "rollout.vllm.kv_cache_gib=4") == vllm
+    assert fingerprint("rollout.engine=vllm", "rollout.vllm.logprobs=trainer") != vllm

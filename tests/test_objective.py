@@ -319,3 +319,25 @@ def test_a_masked_truncated_completion_contributes_nothing_and_leaves_the_token_
     # grpo still averages over both completions (as TRL: the masked one counts as a zero).
     per_sequence, _ = grpo_loss(logp, logp, None, ADVANTAGES, MASK, beta=0.0, loss_agg="grpo", truncated=truncated)
     assert per_sequence.item() == pytest.approx((0.0 - 1.0) / 2)
+
+
+def test_truncated_importance_weights_are_the_capped_ratio_and_scale_the_policy_term_only():
+    from stages.objective import logprob_gap, truncated_is_weights
+
+    trainer = torch.tensor([[-1.0, -2.0, -0.5]])
+    engine = torch.tensor([[-1.5, -1.0, -0.5]])  # ratios e^0.5 = 1.65, e^-1 = 0.37, 1
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    weights = truncated_is_weights(trainer, engine, cap=1.5)
+    torch.testing.assert_close(weights, torch.tensor([[1.5, math.exp(-1.0), 1.0]]))
+    assert logprob_gap(trainer, engine, mask) == {"mean": 0.75, "max": 1.0}  # the masked token's 0 is not counted
+
+    logp, old, ref = torch.tensor([[-1.0, -1.0, -1.0]]), torch.tensor([[-1.0, -1.0, -1.0]]), torch.tensor([[-1.2] * 3])
+    advantages = torch.tensor([2.0])
+    plain, _ = grpo_loss(logp, old, ref, advantages, mask, beta=0.0)
+    weighted, _ = grpo_loss(logp, old, ref, advantages, mask, beta=0.0, is_weights=weights)
+    # on-policy the surrogate is A per token: the weights scale it token by token, then the mean
+    assert plain.item() == pytest.approx(-2.0)
+    assert weighted.item() == pytest.approx(-2.0 * (1.5 + math.exp(-1.0)) / 2)
+    with_kl, _ = grpo_loss(logp, old, ref, advantages, mask, beta=0.5, is_weights=weights)
+    kl_only, _ = grpo_loss(logp, old, ref, torch.tensor([0.0]), mask, beta=0.5)
+    assert with_kl.item() == pytest.approx(weighted.item() + kl_only.item())  # the KL is not weighted

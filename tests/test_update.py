@@ -70,10 +70,15 @@ def params_for(loss_agg: str, beta: float, minibatches: str = "groups", extra: t
                                               f"grpo.beta={beta}", f"grpo.loss_agg={loss_agg}", *extra])
 
 
-def plain_update(params, layout: Layout, model, tokenizer, reference) -> list[torch.Tensor]:
-    """The objective as DESIGN.md states it: every row's full forward, minibatch by minibatch."""
+def plain_update(params, layout: Layout, model, tokenizer, reference, old_logp=None,
+                 is_weights=None) -> list[torch.Tensor]:
+    """The objective as DESIGN.md states it: every row's full forward, minibatch by minibatch.
+    `old_logp`, `is_weights` [rows, T]: pi_old instead of the file's, and per-token IS weights."""
     cfg = params.grpo
     batch = load_update_batch(layout, 1, tokenizer.pad_token_id)
+    if old_logp is not None:
+        batch.old_logp = old_logp
+    batch.is_weights = is_weights
     truncated = batch.truncated if cfg.mask_truncated_completions else None
     iteration_mask = drop_truncated(batch.inputs.completion_mask.float(), truncated)  # dapo counts the iteration's
     if cfg.beta:
@@ -93,7 +98,7 @@ def plain_update(params, layout: Layout, model, tokenizer, reference) -> list[to
                                 clip_ratio_c=cfg.clip_ratio_c, delta=cfg.delta,
                                 importance_level=cfg.importance_level, policy_loss=cfg.policy_loss,
                                 truncated=None if truncated is None else minibatch.truncated,
-                                iteration_mask=iteration_mask)
+                                iteration_mask=iteration_mask, is_weights=minibatch.is_weights)
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -234,3 +239,42 @@ def test_advantages_are_matched_to_completions_by_prompt_and_sample_in_any_row_o
     write_parquet(shuffled.iteration(1) / "advantages.parquet", advantages.iloc[:-1])
     with pytest.raises(GroupError, match=f"iteration 1 has no advantage for prompt_id={len(PROMPTS) - 1} sample={G - 1}"):
         load_update_batch(shuffled, 1, tokenizer.pad_token_id)
+
+
+@pytest.mark.parametrize("correction", ["engine", "trainer", "tis"])
+def test_an_engines_log_probs_are_measured_against_the_trainers_and_corrected_as_asked(iteration_files, tmp_path,
+                                                                                        correction):
+    """rollout.engine vllm: the sampling log-probs in rollouts.parquet are the engine's. The update
+    measures their gap to the trainer's own (before any step), and with logprobs: trainer steps as
+    the plain loop does from the trainer's pi_old; with tis_cap also weighing each token's
+    policy-gradient term by min(pi_trainer / pi_engine, cap)."""
+    source, model, tokenizer = iteration_files
+    layout = Layout(tmp_path)
+    shutil.copytree(source.iteration(1), layout.iteration(1))
+    rollouts = pd.read_parquet(layout.iteration(1) / "rollouts.parquet")
+    noise = np.random.default_rng(0)
+    rollouts["logprobs"] = [np.asarray(row) + noise.normal(0, 0.3, len(row)) for row in rollouts["logprobs"]]
+    write_parquet(layout.iteration(1) / "rollouts.parquet", rollouts)  # an engine far off the trainer
+
+    extra = {"engine": (), "trainer": ("rollout.vllm.logprobs=trainer",),
+             "tis": ("rollout.vllm.logprobs=trainer", "rollout.vllm.tis_cap=1.5")}[correction]
+    params = params_for("grpo", beta=0.1, extra=("rollout.engine=vllm", *extra))
+    policy = copy.deepcopy(model)
+    metrics = update(params, layout, 1, TrainState(policy, tokenizer, torch.optim.SGD(policy.parameters(), lr=LR)),
+                     model)
+
+    batch = load_update_batch(layout, 1, tokenizer.pad_token_id)
+    with torch.no_grad():
+        trainer, _ = completion_logprobs(model, *batch.inputs.as_inputs())
+    on = batch.inputs.completion_mask.bool()
+    gap = (trainer - batch.old_logp).abs()[on]
+    assert metrics["rollout/logprob_diff_max"] == pytest.approx(float(gap.max()), abs=1e-5)
+    assert metrics["rollout/logprob_diff_mean"] == pytest.approx(float(gap.mean()), abs=1e-5)
+    assert metrics["rollout/logprob_diff_max"] > 0.5
+    weights = torch.exp(trainer - batch.old_logp).clamp(max=1.5) if correction == "tis" else None
+    if correction == "tis":
+        assert 0 < metrics["rollout/tis_capped"] < 1
+    expected = plain_update(params, layout, copy.deepcopy(model), tokenizer, model,
+                            old_logp=None if correction == "engine" else trainer, is_weights=weights)
+    for got, want in zip(policy.parameters(), expected):
+        torch.testing.assert_close(got.detach(), want, atol=1e-5, rtol=0)
