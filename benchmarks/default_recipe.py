@@ -53,7 +53,9 @@ sys.path.insert(0, {str(ROOT)!r})
 from benchmarks.default_recipe import train_and_evaluate
 print(json.dumps(train_and_evaluate({str(root)!r}, {overrides!r})))
 """
-    out = subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"arm {arm} (seed {seed}) failed:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

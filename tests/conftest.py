@@ -156,11 +156,11 @@ def clean_env(state: Path) -> dict[str, str]:
     return environment
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def env(tmp_path_factory):
-    """A clean environment with one Prefect server for the module's `grpo` runs: a killed run
-    cannot stop a temporary server of its own. Modules that need another environment define
-    their own `env`."""
+    """A clean environment with one Prefect server for the session's `grpo` runs (one start, not
+    one per module): a killed run cannot stop a temporary server of its own. Modules that need
+    another environment (a server they stop or restart) define their own `env`."""
     environment = clean_env(tmp_path_factory.mktemp("state"))
     server, api = start_prefect_server(environment)
     yield {**environment, "PREFECT_API_URL": api}

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import ROOT, clean_env, outcome, prepare_tiny_project, start_prefect_server, stop
+from conftest import ROOT, outcome, prepare_tiny_project
 from stages.artifacts import Layout
 from test_resume import train, workspace
 
@@ -28,11 +28,9 @@ REWARD = "def digits(prompts, completions, **_):\n    return [sum(c.isdigit() fo
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory, prepared):
-    environment = clean_env(tmp_path_factory.mktemp("state"))
-    server, api = start_prefect_server(environment)
-    yield {**environment, "PREFECT_API_URL": api, "PYTHONPATH": str(prepared)}  # the reward module
-    stop(server)
+def env(env, prepared):
+    """The session's environment (its Prefect server), with the user's reward module importable."""
+    return {**env, "PYTHONPATH": str(prepared)}
 
 
 @pytest.fixture(scope="module")

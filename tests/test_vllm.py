@@ -129,6 +129,14 @@ def test_vllm_samples_with_the_log_probs_the_trainer_computes_before_and_after_a
     width = int(alone.lengths.max())
     assert torch.equal(first.completion_ids[8:12, :width], alone.completion_ids)
 
+    # More prompt tokens than one engine step prefills (8,192): whole prefills over several steps
+    # (a prefill split in two rewinds the seeded generator, which kills vLLM's engine on CPU).
+    many = pd.read_parquet(layout.prompt_split("train"))[:80]
+    many_ids = encode_prompts(tokenizer, many["prompt"].tolist())
+    crowd = engine.sample(many_ids, [request_seed(0, 1, pid) for pid in many["prompt_id"]],
+                          **{**draw, "group_size": 8, "max_new_tokens": 4})
+    assert sum(map(len, many_ids)) * 8 > 8192 and len(crowd.lengths) == 80 * 8
+
     # A new policy through its checkpoint directory: the tied head follows the new embedding.
     with torch.no_grad():
         for parameter in model.parameters():
@@ -143,6 +151,21 @@ def test_vllm_samples_with_the_log_probs_the_trainer_computes_before_and_after_a
                                                      "kwargs": {"weights_path": str(tmp_path / "checkpoint")}})
     httpx.post(f"{server.url}/reset_prefix_cache")
     assert trainer_logprobs(model, prompt_ids, engine.sample(prompt_ids, seeds, **draw), 4) > 100 * GAP
+    engine.close()
+
+
+def test_the_servers_hold_the_checkpoint_the_schedule_names_and_reload_only_when_it_changes(prepared, server,
+                                                                                           tmp_path):
+    from stages.rollout import load_sampling_weights
+
+    layout = Layout(tmp_path)
+    for target in (layout.reference, layout.checkpoint(1), layout.checkpoint(2)):
+        shutil.copytree(Layout(prepared).reference, target)
+    params = load_params(prepared / "params.yaml", ["rollout.max_lag=1"])
+    engine = VllmEngine([Server(server.url)]).connect()
+    reloads = {iteration: load_sampling_weights(params, layout, iteration, engine) for iteration in (1, 2, 3, 4)}
+    assert [bool(reloads[i]) for i in (1, 2, 3, 4)] == [True, False, True, True]  # checkpoints 0, 0, 1, 2
+    assert engine.holds == 2
     engine.close()
 
 
