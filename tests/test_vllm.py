@@ -313,15 +313,23 @@ def test_the_run_starts_its_own_server_and_leaves_none_behind_whatever_happens(p
     assert len(frame) == 2 and frame["rollout/logprob_diff_max"].max() < GAP  # untied head, long prompts, reloads
 
 
-def test_a_model_vllm_cannot_run_here_is_named_by_the_server(prepared, env, tmp_path):
+def test_a_server_that_cannot_start_is_one_line_with_its_reason(prepared, tmp_path):
     from stages.errors import EngineError
 
-    params = load_params(params_with(workspace(prepared, tmp_path, "heads", []), ["model.tiny.num_heads=2"]))
-    layout = Layout(tmp_path / "heads")
-    shutil.rmtree(layout.reference)
-    from stages.reference import reference
-    reference(params, layout)
+    with socket.socket() as taken:  # a port another program holds
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        params = load_params(prepared / "params.yaml", [f"rollout.vllm.port={taken.getsockname()[1]}"])
+        with pytest.raises(EngineError, match=r"did not start \(exit 1\): .*Address already in use \(log: "):
+            with started_server(params, Layout(prepared)):
+                pass
+
+    layout = Layout(tmp_path)  # a model vLLM's CPU attention cannot run
+    shutil.copytree(Layout(prepared).reference, layout.reference)
+    config = json.loads((layout.reference / "config.json").read_text())
+    config.update(num_attention_heads=2, num_key_value_heads=2, head_dim=16)  # the suite's usual tiny shape
+    (layout.reference / "config.json").write_text(json.dumps(config))
     with pytest.raises(EngineError, match=r"did not start .*head size 16 .* \(32, 64"):
-        with started_server(params, layout):
+        with started_server(load_params(prepared / "params.yaml"), layout):
             pass
     assert not vllm_processes(layout.root)
