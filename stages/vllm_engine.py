@@ -104,6 +104,7 @@ class VllmEngine:
         reference it serves; checkpoint 0's fresh adapters add exactly zero (B = 0), so the
         reference itself samples iteration 1."""
         started = time.perf_counter()
+        self.holds = self.lora_name = None  # until every server has it: a failure halfway leaves them unknown
         if self.adapter:
             calls = [] if checkpoint == 0 else [("v1/load_lora_adapter", {"lora_name": LORA_NAME, "load_inplace": True,
                                                                           "lora_path": str(Path(path).resolve())})]
