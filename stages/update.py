@@ -157,12 +157,12 @@ def reference_logprobs(reference: PreTrainedModel, batch: UpdateBatch, chunk: in
 
 
 def correct_engine_logprobs(state: TrainState, batch: UpdateBatch, params: Params, chunk: int) -> dict[str, float]:
-    """The train/inference gap of a vLLM-sampled iteration, and what `rollout.vllm` does about it.
+    """`rollout.vllm.logprobs: trainer`: the ratio's pi_old from the trainer (verl's recompute).
 
     The trainer's log-probs of the sampled tokens under the policy as it is before this update
-    (one forward, no grad) beside the engine's: their gap is the iteration's `rollout/logprob_diff_*`
-    (verl's rollout_probs_diff, in log space). With `logprobs: trainer` the ratio's pi_old becomes
-    the trainer's (verl's recompute), and `tis_cap` weighs each token by the capped pi_trainer / pi_engine.
+    (one forward, no grad) replace the engine's; their gap over every token is the iteration's
+    `rollout/logprob_diff_*` (verl's rollout_probs_diff, in log space), and `tis_cap` weighs each
+    token by the capped pi_trainer / pi_engine.
     """
     cfg = params.rollout.vllm
     engine_logp = batch.old_logp
@@ -170,19 +170,20 @@ def correct_engine_logprobs(state: TrainState, batch: UpdateBatch, params: Param
                                       state.rank)
     gap = logprob_gap(trainer_logp, engine_logp, batch.inputs.completion_mask)
     metrics = {"rollout/logprob_diff_mean": gap["mean"], "rollout/logprob_diff_max": gap["max"]}
-    if cfg.logprobs == "trainer":
-        if cfg.tis_cap is not None:
-            batch.is_weights = truncated_is_weights(trainer_logp, engine_logp, cfg.tis_cap)
-            capped = (trainer_logp - engine_logp).exp() > cfg.tis_cap
-            metrics["rollout/tis_capped"] = float(capped[batch.inputs.completion_mask.bool()].float().mean())
-        batch.old_logp = trainer_logp
+    if cfg.tis_cap is not None:
+        batch.is_weights = truncated_is_weights(trainer_logp, engine_logp, cfg.tis_cap)
+        capped = (trainer_logp - engine_logp).exp() > cfg.tis_cap
+        metrics["rollout/tis_capped"] = float(capped[batch.inputs.completion_mask.bool()].float().mean())
+    batch.old_logp = trainer_logp
     return metrics
 
 
-def micro_step(state: TrainState, batch: UpdateBatch, params: Params, normaliser: float) -> dict[str, float]:
+def micro_step(state: TrainState, batch: UpdateBatch, params: Params, normaliser: float,
+               measure_gap: bool = False) -> dict[str, float]:
     """Forward and backward of one micro-batch; its loss is its share of the minibatch's (`normaliser`).
 
-    Returns the micro-batch's statistics and its token count, which weighs them in the step's.
+    Returns the micro-batch's statistics and its token count, which weighs them in the step's;
+    with `measure_gap`, also the sum and max of |logp - old_logp| over its tokens (`gap_sum`, `gap_max`).
     """
     cfg, device = params.grpo, state.model.device
     inputs = batch.inputs.to(device)
@@ -207,13 +208,16 @@ def micro_step(state: TrainState, batch: UpdateBatch, params: Params, normaliser
     if torch.isfinite(loss) or state.rank.world > 1:
         (loss * state.rank.gradient_scale).backward()
     ratio = torch.exp(logp.detach().float() - batch.old_logp.to(device))
+    if measure_gap:
+        gap = (logp.detach().float() - batch.old_logp.to(device)).abs() * mask
+        stats = {**stats, "gap_sum": float(gap.sum()), "gap_max": float(gap.max())}
     # clamp: with mask_truncated_completions a micro-batch may hold no token with loss (its weight is 0)
     return {**stats, "loss": loss.item(), "entropy": float((entropy * mask).sum() / mask.sum().clamp(min=1)),
             "ratio_mean": float((ratio * mask).sum() / mask.sum().clamp(min=1)), "tokens": float(mask.sum())}
 
 
 def policy_step(state: TrainState, batch: UpdateBatch, params: Params, iteration: int,
-                iteration_mask: torch.Tensor | None = None) -> dict[str, float]:
+                iteration_mask: torch.Tensor | None = None, measure_gap: bool = False) -> dict[str, float]:
     """One optimizer step on a minibatch, in micro-batches of `grpo.micro_batch_size` rows whose
     gradients add up to the whole minibatch's (`loss_normaliser` is the minibatch's). In a
     trainer group this rank's micro-batches are cut from its share of the minibatch.
@@ -228,7 +232,8 @@ def policy_step(state: TrainState, batch: UpdateBatch, params: Params, iteration
     parts = []
     for number, piece in enumerate(pieces):
         with accumulating(state.reader, last=number == len(pieces) - 1):
-            parts.append(micro_step(state, batch.rows(piece), params, normaliser))
+            parts.append(micro_step(state, batch.rows(piece), params, normaliser, measure_gap))
+    gaps = [(part.pop("gap_sum"), part.pop("gap_max")) for part in parts] if measure_gap else []
     # Each statistic is a mean over tokens: weigh each micro-batch's (each rank's) by its tokens.
     keys = sorted(key for key in parts[0] if key not in ("loss", "tokens"))
     sums = all_sum([sum(part["loss"] for part in parts), sum(part["tokens"] for part in parts),
@@ -243,6 +248,10 @@ def policy_step(state: TrainState, batch: UpdateBatch, params: Params, iteration
     state.optimizer.step()
     stats = parts[0] if len(parts) == 1 and state.rank.world == 1 else {
         key: total / max(tokens, 1.0) for key, total in zip(keys, sums[2:])}
+    if gaps:  # one process only (rollout.engine vllm): no other rank's tokens to add
+        stats = {**stats, "rollout/logprob_diff_mean": sum(total for total, _ in gaps) / max(tokens, 1.0),
+                 "rollout/logprob_diff_max": max(peak for _, peak in gaps)}
+        keys = [*keys, "rollout/logprob_diff_mean", "rollout/logprob_diff_max"]
     return {**{key: stats[key] for key in keys}, "loss": loss, "grad_norm": grad_norm.item()}
 
 
@@ -272,10 +281,14 @@ def update_steps(params: Params, layout: Layout, iteration: int, state: TrainSta
             batch.ref_logp = reference_logprobs(frozen, batch, micro, params.rollout.temperature, params.precision,
                                                 state.rank)
     extras = {"seconds/reference": time.perf_counter() - started}
-    if params.rollout.engine == "vllm":
+    vllm = params.rollout.vllm if params.rollout.engine == "vllm" else None
+    if vllm is not None and vllm.logprobs == "trainer":
         with memory_named(f"the trainer's log-probs of iteration {iteration}'s rollouts", shapes,
                           _memory_remedy(params, False)):
             extras |= correct_engine_logprobs(state, batch, params, micro)
+    # With the engine's log-probs as pi_old, the first step's forward (the policy before any step)
+    # measures the gap for free, on that minibatch's tokens.
+    measure_gap = vllm is not None and vllm.logprobs == "engine"
 
     # Dropout (the model's, LoRA's) draws from torch's global generator: seed it per iteration,
     # so a resumed iteration draws what the uninterrupted one did (in a trainer group each rank
@@ -290,9 +303,12 @@ def update_steps(params: Params, layout: Layout, iteration: int, state: TrainSta
           tqdm(total=total, desc=f"update {iteration}", unit="step", disable=None, leave=False) as progress):
         for _ in range(cfg.mu):
             for rows in pass_order(batch.groups, cfg.minibatches, generator).split(cfg.minibatch_size):
-                steps.append(policy_step(state, batch.rows(rows), params, iteration, iteration_mask))
+                steps.append(policy_step(state, batch.rows(rows), params, iteration, iteration_mask,
+                                         measure_gap=measure_gap and not steps))
                 progress.update()
     state.model.eval()
+    if measure_gap:
+        extras |= {key: steps[0].pop(key) for key in ("rollout/logprob_diff_mean", "rollout/logprob_diff_max")}
     return steps, extras
 
 

@@ -245,9 +245,10 @@ def test_advantages_are_matched_to_completions_by_prompt_and_sample_in_any_row_o
 def test_an_engines_log_probs_are_measured_against_the_trainers_and_corrected_as_asked(iteration_files, tmp_path,
                                                                                         correction):
     """rollout.engine vllm: the sampling log-probs in rollouts.parquet are the engine's. The update
-    measures their gap to the trainer's own (before any step), and with logprobs: trainer steps as
-    the plain loop does from the trainer's pi_old; with tis_cap also weighing each token's
-    policy-gradient term by min(pi_trainer / pi_engine, cap)."""
+    measures their gap to the trainer's own before any step: on the first minibatch's tokens (its
+    forward is the first step's), or with logprobs: trainer on all of them, stepping as the plain
+    loop does from the trainer's pi_old; with tis_cap also weighing each token's policy-gradient
+    term by min(pi_trainer / pi_engine, cap)."""
     source, model, tokenizer = iteration_files
     layout = Layout(tmp_path)
     shutil.copytree(source.iteration(1), layout.iteration(1))
@@ -267,6 +268,10 @@ def test_an_engines_log_probs_are_measured_against_the_trainers_and_corrected_as
     with torch.no_grad():
         trainer, _ = completion_logprobs(model, *batch.inputs.as_inputs())
     on = batch.inputs.completion_mask.bool()
+    if correction == "engine":  # measured for free on the first step's minibatch, the policy before any step
+        generator = torch.Generator().manual_seed(iteration_seed(params.seed, 1, 2))
+        first = pass_order(batch.groups, params.grpo.minibatches, generator)[:params.grpo.minibatch_size]
+        on = torch.zeros_like(on).index_fill_(0, first, True) & on
     gap = (trainer - batch.old_logp).abs()[on]
     assert metrics["rollout/logprob_diff_max"] == pytest.approx(float(gap.max()), abs=1e-5)
     assert metrics["rollout/logprob_diff_mean"] == pytest.approx(float(gap.mean()), abs=1e-5)
