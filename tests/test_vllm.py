@@ -15,7 +15,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, dvc_project, outcome, prepare_tiny_project, train, without_timings
+from conftest import ROOT, dvc_project, outcome, prepare_tiny_project, train
 from stages.artifacts import Layout, file_digest
 from stages.config import load_params
 from stages.generation import completion_logprobs, left_pad, pad_rows
