@@ -77,14 +77,22 @@ class VllmEngine:
         timeout=httpx.Timeout(REQUEST_SECONDS, connect=CONNECT_SECONDS),
         limits=httpx.Limits(max_connections=MAX_CONCURRENT_REQUESTS)))
 
+    def call(self, server: Server, endpoint: str, body: dict | None, silent: str, **options) -> httpx.Response:
+        """POST `body` (GET without one) to `server`'s `endpoint`; a server that does not answer is
+        one line ending in `silent` (what was going on, what to do)."""
+        try:
+            if body is None and endpoint.startswith("v1/models"):
+                return self.client.get(f"{server.url}/{endpoint}", **options)
+            return self.client.post(f"{server.url}/{endpoint}", json=body, **options)
+        except httpx.HTTPError as error:
+            raise EngineError(f"{server.where()} {silent.format(why=one_line(error) or type(error).__name__)}") \
+                from None
+
     def connect(self) -> VllmEngine:
         """Ask each server what it serves; one that does not answer is one line."""
         for server in self.servers:
-            try:
-                response = self.client.get(f"{server.url}/v1/models", timeout=CONNECT_SECONDS)
-            except httpx.HTTPError as error:
-                raise EngineError(f"rollout.vllm.urls: {server.where()} does not answer "
-                                  f"({one_line(error) or type(error).__name__}); start it or remove it") from None
+            response = self.call(server, "v1/models", None, "does not answer ({why}); start it or remove it from "
+                                 "rollout.vllm.urls", timeout=CONNECT_SECONDS)
             if response.status_code != 200:
                 raise EngineError(f"rollout.vllm.urls: {server.where()} answered /v1/models with "
                                   f"{response.status_code}: {server_error(response)}")
@@ -113,12 +121,8 @@ class VllmEngine:
         calls.append(("reset_prefix_cache", None))  # cached prompt blocks hold keys and values of the old weights
         for server in self.servers:
             for endpoint, body in calls:
-                try:
-                    response = self.client.post(f"{server.url}/{endpoint}", json=body, timeout=RELOAD_SECONDS)
-                except httpx.HTTPError as error:
-                    raise EngineError(f"{server.where()} stopped answering while loading checkpoint "
-                                      f"{checkpoint} ({one_line(error) or type(error).__name__}); the same "
-                                      f"command resumes") from None
+                response = self.call(server, endpoint, body, f"stopped answering while loading checkpoint {checkpoint} "
+                                     f"({{why}}); the same command resumes", timeout=RELOAD_SECONDS)
                 if response.status_code == 404:
                     raise EngineError(f"{server.where()} takes no weight reloads (POST /{endpoint}: 404): start "
                                       f"it with `grpo vllm-server` (README, 'Rollouts from vLLM')")
@@ -167,11 +171,8 @@ class VllmEngine:
             body = {"model": self.lora_name or server.model, "prompt": prompt_ids[index], "n": group_size,
                     "seed": seeds[index], "max_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
                     "logprobs": 0, "return_token_ids": True, "stop_token_ids": eos_ids}
-            try:
-                response = self.client.post(f"{server.url}/v1/completions", json=body)
-            except httpx.HTTPError as error:
-                raise EngineError(f"{server.where()} stopped answering during {where} "
-                                  f"({one_line(error) or type(error).__name__}); the same command resumes") from None
+            response = self.call(server, "v1/completions", body,
+                                 f"stopped answering during {where} ({{why}}); the same command resumes")
             if response.status_code != 200:
                 raise EngineError(f"{server.where()} refused a prompt of {where}: {server_error(response)}")
             return sorted(response.json()["choices"], key=lambda choice: choice["index"])
