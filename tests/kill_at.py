@@ -59,7 +59,7 @@ def arm(point: str, iteration: int) -> None:
     elif point == "update":
         current = {}
         wrap(flows.train, "update", before=lambda params, layout, i, *_: current.update(iteration=i))
-        wrap(stages.update, "policy_step", after=lambda *_: current.get("iteration") == iteration and die())
+        wrap(stages.update, "policy_step", after=lambda *_, **__: current.get("iteration") == iteration and die())
     elif point == "checkpoint":
         wrap(flows.train, "write_manifest", before=lambda layout, i, *_: i == iteration and die())
     elif point == "reload":
