@@ -18,8 +18,8 @@ from stages.config import Params
 from stages.dynamic_sampling import sample_with_signal
 from stages.errors import DataError, RolloutError
 from stages.generation import sample
-from stages.manifest import checkpoint_path
 from stages.groups import check_groups
+from stages.manifest import checkpoint_path
 from stages.memory import memory_named
 from stages.modeling import autocast, check_context, context_limit, encode_prompts, eos_token_ids
 from stages.prepare import read_prompt_split
@@ -81,12 +81,11 @@ def generate_rollouts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     cfg = params.rollout
     prompt_ids = encode_prompts(tokenizer, prompts["prompt"].tolist(), params.data.system_prompt)
     # rollout.max_new_tokens may have grown since `reference` checked the prompts against the model.
+    labels = [f"{source} prompt_id {pid!r}" for pid in prompts["prompt_id"]]
     limit = context_limit(model.config, params.model)
     if limit is not None:
-        check_context(prompt_ids, [f"{source} prompt_id {pid!r}" for pid in prompts["prompt_id"]],
-                      cfg.max_new_tokens, "rollout.max_new_tokens", *limit)
-    if engine is not None:
-        labels = [f"{source} prompt_id {pid!r}" for pid in prompts["prompt_id"]]
+        check_context(prompt_ids, labels, cfg.max_new_tokens, "rollout.max_new_tokens", *limit)
+    if engine is not None:  # a server's own context may be shorter than the model's (--max-model-len)
         engine.check_context(prompt_ids, labels, cfg.max_new_tokens)
         out = engine.sample(prompt_ids, [request_seed(params.seed, iteration, pid) for pid in prompts["prompt_id"]],
                             group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
