@@ -1,9 +1,11 @@
 """The deployable pipeline: one Prefect flow run = one DVC experiment = one MLflow run.
 
 A triggered run goes through `dvc exp run --temp`: DVC runs prepare → reference → train →
-evaluate in a temporary copy of the repository, reuses unchanged stages from its run cache,
-never touches the workspace (so `dvc repro` results stay intact) and records the run as an
-experiment. Two triggered runs never clobber each other: each has its own copy.
+evaluate in a temporary copy of the repository, never touches the workspace (so `dvc repro`
+results stay intact) and records the run as an experiment. Two triggered runs never clobber
+each other: each has its own copy. The copy holds the workspace's dvc.lock (`dvc repro` stages
+it in git: `core.autostage` in .dvc/config), so DVC checks the unchanged stages' outputs out of
+its cache and runs only the stages the overrides change, as `dvc repro` would.
 """
 
 from __future__ import annotations
@@ -98,7 +100,8 @@ def _log(logger: Any, line: str) -> None:
 
 
 @task(name="dvc-exp-run", cache_policy=NO_CACHE, persist_result=False)
-def dvc_exp_run(root: Path, overrides: dict[str, Scalar], name: str, parent_flow_run_id: str | None) -> str:
+def dvc_exp_run(root: Path, overrides: dict[str, Scalar], name: str, parent_flow_run_id: str | None) -> list[str]:
+    """Run the experiment, its output in this run's logs; returns the stages DVC ran (not those it reused)."""
     logger = get_run_logger()
     command = exp_run_command(overrides, name)
     logger.info("running %s in %s", " ".join(command), root)
@@ -112,7 +115,7 @@ def dvc_exp_run(root: Path, overrides: dict[str, Scalar], name: str, parent_flow
     if os.environ.get("PREFECT__FLOW_RUN_ID"):  # launched by a worker or `serve`, not run from a shell
         Thread(target=_stop_when_orphaned, args=(process, os.getppid(), finished, orphaned), daemon=True).start()
     tail: list[str] = []
-    stage = None
+    stage, ran = None, []
     assert process.stdout is not None
     try:
         for line in process.stdout:
@@ -122,6 +125,7 @@ def dvc_exp_run(root: Path, overrides: dict[str, Scalar], name: str, parent_flow
                 tail = (tail + [line])[-50:]
                 if running := _RUNNING_STAGE.search(line):
                     stage = running.group(1)
+                    ran.append(stage)
         process.wait()
     except BaseException:  # cancelled or crashed: never leave DVC running behind us
         _terminate(process)
@@ -135,7 +139,8 @@ def dvc_exp_run(root: Path, overrides: dict[str, Scalar], name: str, parent_flow
         errors = [line for line in tail if line.startswith(("error:", "ERROR"))]
         reason = errors[0] if errors else (tail[-1] if tail else f"exit code {process.returncode}")
         raise StageFailed(f"stage '{stage or 'unknown'}' failed: {reason}")
-    return name
+    logger.info("experiment %s: DVC ran %s; the other stages were unchanged", name, ", ".join(ran) or "no stage")
+    return ran
 
 
 @task(name="check-params", cache_policy=NO_CACHE, persist_result=False)
@@ -155,5 +160,5 @@ def grpo_pipeline(overrides: dict[str, Scalar] | None = None, run_name: str | No
     root = project_root(Path.cwd())
     name = experiment_name(run_name)
     check_params(root, dict(overrides or {}))
-    dvc_exp_run(root, dict(overrides or {}), name, flow_run.get_id())
-    return {"experiment": name, "overrides": dict(overrides or {})}
+    ran = dvc_exp_run(root, dict(overrides or {}), name, flow_run.get_id())
+    return {"experiment": name, "overrides": dict(overrides or {}), "stages_run": ran}
