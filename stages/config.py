@@ -274,10 +274,6 @@ class Params(Section):
         if self.rollout.prompts_per_iteration < workers:
             raise ValueError(f"distributed.rollout_workers={workers} exceeds rollout.prompts_per_iteration="
                              f"{self.rollout.prompts_per_iteration}: each worker generates whole prompt groups")
-        if self.rollout.dynamic_sampling.filter != "none" and (trainers > 1 or workers > 1 or self.rollout.max_lag):
-            raise ValueError("rollout.dynamic_sampling.filter: zero_std scores each sampling round in this process, "
-                             "so it needs distributed.trainers 1, distributed.rollout_workers 1 and rollout.max_lag 0 "
-                             "(set filter: none to scale out)")
         if self.rollout.engine == "vllm" and (workers > 1 or trainers > 1):
             raise ValueError("rollout.engine: vllm generates in the vLLM servers (several: rollout.vllm.urls), so it "
                              "needs distributed.rollout_workers 1 and, for now, distributed.trainers 1")

@@ -7,6 +7,7 @@ prompt and completion token ids and the sampling policy's per-token log-probs.
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -170,18 +171,16 @@ def load_sampling_weights(params: Params, layout: Layout, iteration: int, engine
     return {"seconds/weight_reload": engine.load_checkpoint(checkpoint, checkpoint_path(layout, checkpoint))}
 
 
-def rollout(params: Params, layout: Layout, iteration: int, model: PreTrainedModel,
-            tokenizer: PreTrainedTokenizerBase, score: Scorer = score_rollouts,
-            engine: VllmEngine | None = None) -> dict[str, float]:
-    """The iteration's rollouts; with `rollout.dynamic_sampling`, drawn in rounds until enough groups
-    carry a learning signal (`stages.dynamic_sampling`; `score` scores each round, as the reward stage does).
-    `engine`: the vLLM servers that sample (`rollout.engine: vllm`); None: our loop over `model`."""
-    reload = load_sampling_weights(params, layout, iteration, engine) if engine is not None else {}
-    started = time.perf_counter()
+def sample_iteration(params: Params, layout: Layout, iteration: int,
+                     generate: Callable[[pd.DataFrame, int], pd.DataFrame],
+                     score: Scorer = score_rollouts) -> tuple[pd.DataFrame, dict[str, float]]:
+    """The iteration's rollouts from `generate(prompts, round)` (this process's loop or vLLM, or the
+    rollout workers, each whole groups): its one draw, or with `rollout.dynamic_sampling` rounds of
+    draws until enough groups carry a learning signal (`stages.dynamic_sampling`), each round
+    scored here by `score`, as the reward stage scores. The draws depend on the seed, the
+    iteration and the round, never on who generates or when."""
     if params.rollout.dynamic_sampling.filter == "none":
-        rollouts = generate_share(params, layout, iteration, iteration_prompts(params, layout, iteration), model,
-                                  tokenizer, engine=engine)
-        return {**write_rollouts(params, layout, iteration, rollouts, time.perf_counter() - started), **reload}
+        return generate(iteration_prompts(params, layout, iteration), 0), {}
     train, taken = read_prompt_split(layout, "train"), set()
 
     def draw(round: int) -> pd.DataFrame:
@@ -190,13 +189,24 @@ def rollout(params: Params, layout: Layout, iteration: int, model: PreTrainedMod
         taken.update(rows.tolist())
         return train.iloc[rows].reset_index(drop=True)
 
-    rollouts, sampling = sample_with_signal(
-        params.rollout.prompts_per_iteration, params.rollout.dynamic_sampling.max_rounds, draw,
-        generate=lambda prompts, round: generate_share(params, layout, iteration, prompts, model, tokenizer, 0, round,
-                                                       engine),
+    return sample_with_signal(
+        params.rollout.prompts_per_iteration, params.rollout.dynamic_sampling.max_rounds, draw, generate,
         score=lambda rows: score(rows, params.reward, params.rollout.group_size,
                                  f"iteration {iteration} sampling round {int(rows['round'].iloc[0])}",
                                  params.rollout.max_new_tokens))
+
+
+def rollout(params: Params, layout: Layout, iteration: int, model: PreTrainedModel,
+            tokenizer: PreTrainedTokenizerBase, score: Scorer = score_rollouts,
+            engine: VllmEngine | None = None) -> dict[str, float]:
+    """The iteration's rollouts, generated in this process (`sample_iteration`).
+    `engine`: the vLLM servers that sample (`rollout.engine: vllm`); None: our loop over `model`."""
+    reload = load_sampling_weights(params, layout, iteration, engine) if engine is not None else {}
+    started = time.perf_counter()
+    rollouts, sampling = sample_iteration(
+        params, layout, iteration, score=score,
+        generate=lambda prompts, round: generate_share(params, layout, iteration, prompts, model, tokenizer, 0, round,
+                                                       engine))
     return {**write_rollouts(params, layout, iteration, rollouts, time.perf_counter() - started), **sampling, **reload}
 
 

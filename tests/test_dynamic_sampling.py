@@ -72,11 +72,12 @@ def test_short_of_signal_after_max_rounds_it_fills_with_set_aside_groups_and_say
     assert metrics["rollout/rounds"] == 2 and metrics["rollout/groups_short"] == 2
 
 
-def test_dynamic_sampling_refuses_processes_it_does_not_drive(tiny_overrides):
+def test_dynamic_sampling_scales_out_and_refuses_zero_rounds(tiny_overrides):
     from stages.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="rollout.dynamic_sampling.filter: zero_std .* distributed.trainers 1"):
-        load_params(ROOT / "params.yaml", [*tiny_overrides, *ZERO_STD, "distributed.rollout_workers=2"])
+    # Every process layout (test_scale_out.py runs it with 2 rollout workers and max_lag 1).
+    for scaled in ("distributed.rollout_workers=2", "distributed.trainers=2", "rollout.max_lag=1"):
+        load_params(ROOT / "params.yaml", [*tiny_overrides, *ZERO_STD, scaled])
     with pytest.raises(ConfigError, match=r"rollout.dynamic_sampling.max_rounds: Input should be greater than or "
                                           r"equal to 1"):
         load_params(ROOT / "params.yaml", [*tiny_overrides, *ZERO_STD, "rollout.dynamic_sampling.max_rounds=0"])
