@@ -247,17 +247,18 @@ def vllm_server_command(params: Path = ParamsOption, set_: Optional[List[str]] =
 @app.command("compare")
 def compare(
     runs: Optional[List[str]] = typer.Argument(None, help="MLflow run ids or names (default: the last two)"),
+    sweep: Optional[str] = typer.Option(None, help="every run tagged with this sweep (params.yaml tracking.sweep)"),
     root: Path = RootOption,
     plot: Path = typer.Option(Path("metrics/compare.png"), help="where to write the reward/accuracy curves"),
 ) -> None:
-    """Differing params, final and best metrics side by side, and a PNG of the curves."""
+    """Differing params, final and best metrics side by side, and a PNG of the curves (any number of runs)."""
     from rich.console import Console
     from rich.table import Table
 
     from flows.compare import differing_params, metric_summary, plot_curves, resolve_runs
 
     try:
-        chosen = resolve_runs(root.resolve(), runs or [])
+        chosen = resolve_runs(root.resolve(), runs or [], sweep)
     except ValueError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from None

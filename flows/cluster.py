@@ -46,6 +46,7 @@ from stages.manifest import checkpoint_path
 from stages.config import DistributedConfig, Params, RewardConfig
 from stages.distributed import Rank, full_state_dict, join_group, uses_ray
 from stages.errors import PipelineError, WorkerError, one_line
+from stages.evaluate import curve_point
 from stages.modeling import compile_forward, load_tokenizer, resolve_device
 from stages.policy import load_policy, load_reference, load_train_state
 from stages.reward import score_rollouts
@@ -305,6 +306,13 @@ class Cluster:
             self._launch(ahead, iteration, calls[0][1])
         results = wait({f"trainer rank {rank}": metrics for rank, (metrics, _) in enumerate(calls)})
         return results["trainer rank 0"]
+
+    def evaluate(self, params: Params, layout: Layout, iteration: int) -> dict[str, float]:
+        """The held-out metrics of the policy after `iteration`, from its checkpoint on disk (the trainers
+        hold it sharded, or busy): the same weights the in-process engine measures in memory."""
+        model = load_policy(params, layout, iteration, resolve_device(params))
+        tokenizer = load_tokenizer(checkpoint_path(layout, iteration), params.model.trust_remote_code)
+        return curve_point(model, tokenizer, params, layout, iteration)
 
     def save_policy(self, params: Params, layout: Layout) -> None:
         """models/policy from the last checkpoint on disk: the trained weights exactly."""

@@ -1,7 +1,9 @@
-"""Compare MLflow runs: the params that differ, final and best metrics, curves as a PNG."""
+"""Compare MLflow runs (any number, or a sweep's): the params that differ, final and best metrics,
+and one figure of their reward, training accuracy and held-out accuracy curves."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -9,22 +11,30 @@ import pandas as pd
 
 from flows.tracking import EXPERIMENT, _mlflow
 
-CURVES = ["reward", "rewards/accuracy"]
+CURVES = ["reward", "rewards/accuracy", "eval/accuracy"]  # the last: held-out, with eval.every
 SUMMARY = ["reward", "rewards/accuracy", "kl", "entropy", "completions/mean_length", "seconds/iteration",
-           "eval/reference_accuracy", "eval/policy_accuracy", "eval/policy_format_rate"]
+           "eval/accuracy", "eval/reference_accuracy", "eval/policy_accuracy", "eval/policy_format_rate"]
 
 
 def _lower_is_better(metric: str) -> bool:
     return any(word in metric for word in ("kl", "loss", "seconds", "length"))
 
 
-def resolve_runs(root: Path, refs: list[str]) -> list[Any]:
-    """Runs by id or name; with no refs, the two most recent runs of the experiment."""
+def resolve_runs(root: Path, refs: list[str], sweep: str | None = None) -> list[Any]:
+    """Runs by id or name, then those tagged `sweep` (in start order); with neither, the two most recent."""
     mlflow = _mlflow(root)
     client = mlflow.MlflowClient()
     experiment = mlflow.get_experiment_by_name(EXPERIMENT)
     if experiment is None:
         raise ValueError(f"no MLflow experiment {EXPERIMENT!r} in this store: run the pipeline first")
+    if sweep is not None:
+        if not re.fullmatch(r"[\w.:@+=/-]*", sweep):
+            raise ValueError(f"compare: {sweep!r} is not a sweep name (letters, digits and . : @ + = / - _)")
+        swept = client.search_runs([experiment.experiment_id], filter_string=f"tags.sweep = '{sweep}'",
+                                   order_by=["attributes.start_time ASC"])
+        if not swept:
+            raise ValueError(f"compare: no run tagged sweep {sweep!r} (params.yaml tracking.sweep)")
+        return resolve_runs(root, refs) + swept if refs else swept
     if not refs:
         runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=2)
         if len(runs) < 2:
@@ -79,12 +89,16 @@ def plot_curves(root: Path, runs: list[Any], target: Path) -> Path:
     import matplotlib.pyplot as plt
 
     client = _mlflow(root).MlflowClient()
-    figure, axes = plt.subplots(1, len(CURVES), figsize=(6 * len(CURVES), 4))
-    for axis, metric in zip(axes, CURVES):
-        for run in runs:
-            history = sorted(client.get_metric_history(run.info.run_id, metric), key=lambda m: m.step)
-            axis.plot([m.step for m in history], [m.value for m in history], label=label(run))
-        axis.set(title=metric, xlabel="iteration")
+    histories = {metric: [sorted(client.get_metric_history(run.info.run_id, metric), key=lambda m: m.step)
+                          for run in runs] for metric in CURVES}
+    shown = [metric for metric in CURVES if any(histories[metric])]  # eval/accuracy: only runs with eval.every
+    figure, axes = plt.subplots(1, len(shown), figsize=(6 * len(shown), 4), squeeze=False)
+    for axis, metric in zip(axes[0], shown):
+        for run, history in zip(runs, histories[metric]):
+            # Held-out points are eval.every iterations apart: markers show where they were measured.
+            axis.plot([m.step for m in history], [m.value for m in history], label=label(run),
+                      marker="o" if metric.startswith("eval/") else None, markersize=3)
+        axis.set(title="held-out accuracy (greedy)" if metric == "eval/accuracy" else metric, xlabel="iteration")
         axis.grid(alpha=0.3)
         axis.legend()
     figure.tight_layout()

@@ -37,6 +37,7 @@ from stages.artifacts import Layout, read_json, write_json
 from stages.config import Params, flatten
 from stages.errors import DiskFullError, ServiceError
 from stages.manifest import completed_iterations
+from stages.report import metric_rows
 
 EXPERIMENT = os.environ.get("GRPO_MLFLOW_EXPERIMENT", "grpo")
 TRACKING_FILE = "tracking.json"  # under runs/: which MLflow run this is, and what it should hold
@@ -66,8 +67,9 @@ def _git_commit(root: Path) -> str | None:
         return None
 
 
-def run_tags(root: Path, prefect_flow_run_id: str | None) -> dict[str, str]:
+def run_tags(root: Path, prefect_flow_run_id: str | None, sweep: str = "") -> dict[str, str]:
     tags = {
+        "sweep": sweep,
         "git_commit": _git_commit(root),
         "dvc_exp_name": os.environ.get("DVC_EXP_NAME"),
         "dvc_stage": os.environ.get("DVC_STAGE"),
@@ -79,13 +81,18 @@ def run_tags(root: Path, prefect_flow_run_id: str | None) -> dict[str, str]:
 
 def _mlflow(root: Path):
     import mlflow  # imported late: it takes seconds, and stages never need it
+    from mlflow.exceptions import MlflowException
 
     default_store = "MLFLOW_TRACKING_URI" not in os.environ  # read first: set_tracking_uri sets it
     mlflow.set_tracking_uri(tracking_uri(root))
     if default_store and mlflow.get_experiment_by_name(EXPERIMENT) is None:
         # MLflow would put artifacts in ./mlruns of whoever creates the experiment first: in
         # a DVC --temp copy, that folder is deleted with the copy. Pin it to the project root.
-        mlflow.create_experiment(EXPERIMENT, artifact_location=(project_root(root) / "mlruns").as_uri())
+        try:
+            mlflow.create_experiment(EXPERIMENT, artifact_location=(project_root(root) / "mlruns").as_uri())
+        except MlflowException:  # two runs at once on a new store (a sweep's queue workers)
+            if mlflow.get_experiment_by_name(EXPERIMENT) is None:  # not a concurrent run's creation: a real error
+                raise
     mlflow.set_experiment(EXPERIMENT)
     return mlflow
 
@@ -100,9 +107,9 @@ def read_record(layout: Layout) -> dict[str, Any] | None:
 def manifest_entries(layout: Layout, record: dict[str, Any]) -> list[list]:
     """The done iterations of the run `record` describes, as (iteration, ms stamp, metrics, samples) entries."""
     entries = []
-    for manifest in completed_iterations(layout, record["fingerprint"], 10**6):
-        stamp = int((layout.iteration(manifest["iteration"]) / "manifest.json").stat().st_mtime * 1000)
-        entries.append([manifest["iteration"], stamp, numeric(manifest["metrics"]), True])
+    for iteration, metrics in metric_rows(completed_iterations(layout, record["fingerprint"], 10**6)):
+        stamp = int((layout.iteration(max(iteration, 1)) / "manifest.json").stat().st_mtime * 1000)
+        entries.append([iteration, stamp, numeric(metrics), iteration > 0])
     return entries
 
 
@@ -148,7 +155,7 @@ class MlflowRecord:
             "mlflow_run_id": previous["mlflow_run_id"] if same else None,
             "tracking_uri": uri, "experiment": EXPERIMENT,
             "name": previous.get("name") if same else name,
-            "tags": run_tags(self.layout.root, prefect_flow_run_id),
+            "tags": run_tags(self.layout.root, prefect_flow_run_id, params.get("tracking.sweep", "")),
             "params": params, "fingerprint": fingerprint, "prefect_flow_run_id": prefect_flow_run_id,
             "status": "RUNNING", "synced": False,
         }

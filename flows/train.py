@@ -4,6 +4,10 @@
       rollout-0001 → reward-0001 → advantage-0001 → update-0001
       rollout-0002 → ...
 
+With `eval.every: N`, an `evaluate-NNNN` task after every Nth update (and `evaluate-0000` before
+the first) measures the policy on the held-out prompts; its `eval/*` metrics are part of the
+iteration's (iteration 1's manifest keeps the one before it, as `before`).
+
 The stages are plain functions from `stages/`; this module owns the order, retries, the
 resume point, logging and MLflow tracking. Resuming is decided from the manifests on
 disk, so a re-run after any crash picks up after the last complete iteration.
@@ -40,12 +44,13 @@ from stages.adapters import save_policy
 from stages.checkpoints import prune
 from stages.config import Params
 from stages.errors import PipelineError, StoppedError
+from stages.evaluate import curve_point
 from stages.manifest import (completed_iterations, discard_after, read_manifest, recover_set_aside, redoing,
                              resume_point, training_fingerprint, write_manifest)
 from stages.modeling import compile_forward, configure_threads
 from stages.distributed import needs_ray, uses_ray
 from stages.policy import load_reference, load_train_state
-from stages.report import write_training_metrics
+from stages.report import metric_rows, write_training_metrics
 from stages.reward import reward
 from stages.rollout import rollout
 from stages.update import TrainState, update
@@ -122,6 +127,10 @@ class InProcess:
     def update(self, params: Params, layout: Layout, iteration: int) -> dict[str, Any]:
         return update(params, layout, iteration, self.state, self.reference)
 
+    def evaluate(self, params: Params, layout: Layout, iteration: int) -> dict[str, float]:
+        """The held-out metrics of the policy after `iteration`: the one in memory."""
+        return curve_point(self.state.model, self.state.tokenizer, params, layout, iteration)
+
     def save_policy(self, params: Params, layout: Layout) -> None:
         save_policy(self.state.model, self.state.tokenizer, layout.policy)
 
@@ -153,8 +162,20 @@ def update_task(params: Params, layout: Layout, iteration: int, engine: Any) -> 
     return engine.update(params, layout, iteration)
 
 
+@task(name="evaluate", task_run_name="evaluate-{iteration:04d}", retries=2, retry_delay_seconds=1,
+      retry_condition_fn=transient, **STAGE)
+def evaluate_task(params: Params, layout: Layout, iteration: int, engine: Any) -> dict[str, Any]:
+    return engine.evaluate(params, layout, iteration)
+
+
+def evaluates_after(params: Params, iteration: int) -> bool:
+    """Whether the policy after `iteration` is measured on the held-out prompts (eval.every)."""
+    return bool(params.eval.every) and iteration % params.eval.every == 0
+
+
 def run_iteration(params: Params, layout: Layout, iteration: int, engine: Any, stops: StopAtBoundary) -> dict[str, Any]:
     started = time.perf_counter()
+    evaluates = evaluates_after(params, iteration)
     # quote(): Prefect otherwise walks every field of these objects on each task call, looking
     # for futures to resolve (~1 ms a task); they hold none, and arrive unwrapped.
     params, layout, engine = quote(params), quote(layout), quote(engine)
@@ -166,12 +187,14 @@ def run_iteration(params: Params, layout: Layout, iteration: int, engine: Any, s
     metrics |= advantage_task(params, layout, iteration)
     stops.check(f"advantage-{iteration:04d}")
     metrics |= update_task(params, layout, iteration, engine)
-    metrics["seconds/iteration"] = time.perf_counter() - started
+    metrics["seconds/iteration"] = time.perf_counter() - started  # the training's time: evaluating is apart
+    if evaluates:
+        metrics |= evaluate_task(params, layout, iteration, engine)
     return metrics
 
 
 def describe(metrics: dict[str, Any]) -> str:
-    shown = ["reward", "rewards/accuracy", "kl", "completions/mean_length", "seconds/iteration"]
+    shown = ["reward", "rewards/accuracy", "kl", "completions/mean_length", "eval/accuracy", "seconds/iteration"]
     return "  ".join(f"{key} {metrics[key]:.4g}" for key in shown if key in metrics)
 
 
@@ -298,16 +321,20 @@ def run_from(params: Params, layout: Layout, run_name: str | None, stops: StopAt
         logger.warning("could not record the end of an earlier flow run (runs/prefect.json): %s", error)
     tracker = Tracker(params, layout, fingerprint, prefect_flow_run_id=flow_run.get_id(), run_name=run_name,
                       warn=logger.warning)
-    for manifest in done:  # a resumed run still shows the whole curve
-        tracker.log_iteration(manifest["iteration"], manifest["metrics"], samples=False)
+    for iteration, metrics in metric_rows(done):  # a resumed run still shows the whole curve
+        tracker.log_iteration(iteration, metrics, samples=False)
     try:
         for iteration in tqdm(range(start + 1, params.grpo.iterations + 1), desc="grpo", unit="iteration",
                               initial=start, total=params.grpo.iterations, disable=None):
             started_from = done[-1]["checkpoint"] if done else fingerprint["reference"]
             # Until this iteration's manifest is written, whatever its folders held before is kept aside.
             with redoing(layout, iteration):
+                before = None
+                if iteration == 1 and params.eval.every:  # the curve's first point: the policy before any update
+                    before = evaluate_task(quote(params), quote(layout), 0, quote(engine))
+                    tracker.log_iteration(0, before, samples=False)
                 metrics = run_iteration(params, layout, iteration, engine, stops)
-                write_manifest(layout, iteration, fingerprint, started_from, metrics)
+                write_manifest(layout, iteration, fingerprint, started_from, metrics, before)
             done.append(read_manifest(layout, iteration))
             # A resumed lagged run samples its look-ahead from the last max_lag + 1 checkpoints.
             keep = max(params.checkpoints.keep_last, params.rollout.max_lag + 1)

@@ -226,10 +226,17 @@ class EvalConfig(Section):
     max_new_tokens: int = Field(gt=0)
     batch_size: int = Field(gt=0)
     samples_logged: int = Field(ge=0)  # completions per iteration kept as examples
+    every: int = Field(ge=0)  # held-out metrics of the policy every N iterations and before the first; 0 = at the end only
+    samples: int = Field(ge=0)  # with every: k sampled completions per held-out prompt (pass@k, mean@k); 0 = greedy only
 
 
 class CheckpointConfig(Section):
     keep_last: int = Field(ge=1)
+
+
+class TrackingConfig(Section):
+    # The MLflow tag `sweep` grouping a sweep's runs ("" = none): a name that reads in a filter string.
+    sweep: str = Field(max_length=250, pattern=r"^[\w.:@+=/-]*$")
 
 
 class Params(Section):
@@ -247,6 +254,7 @@ class Params(Section):
     distributed: DistributedConfig
     eval: EvalConfig
     checkpoints: CheckpointConfig
+    tracking: TrackingConfig
 
     @model_validator(mode="after")
     def _minibatches_tile_the_batch(self) -> Params:

@@ -1,13 +1,17 @@
 """evaluate: greedy decoding on the held-out prompts, reference vs final policy → metrics/eval.json.
 
 For each model: `accuracy` (the share answered exactly right: accuracy reward 1), `format_rate`,
-and `language`, the mean share of the reasoning written in reward.target_language's script."""
+and `language`, the mean share of the reasoning written in reward.target_language's script.
+`curve_point` is the same measure of the policy during training (`eval.every`), with sampled
+pass@k and mean@k (`eval.samples`)."""
 
 from __future__ import annotations
 
 import time
 
+import numpy as np
 import pandas as pd
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from stages.artifacts import Layout, write_json
@@ -18,6 +22,7 @@ from stages.modeling import (autocast, check_context, check_model_dir, compute_d
                              eos_token_ids, load_pretrained, resolve_device)
 from stages.memory import memory_named
 from stages.prepare import read_prompt_split
+from stages.rollout import iteration_seed  # streams 0-3: prompts, sampling, minibatches, dropout
 from stages.languages import SCRIPTS
 from stages.rewards import accuracy, extract_reasoning, format_reward, script_share
 
@@ -34,17 +39,61 @@ def greedy_completions(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
     return completions
 
 
+def exactly_right(prompts: list[str], completions: list[str], answers: list[str]) -> list[bool]:
+    # Right means exactly right: an answer spelled in words (partial credit in training) is not counted.
+    return [score == 1.0 for score in accuracy(prompts, completions, answer=answers)]
+
+
 def held_out_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, test: pd.DataFrame,
                     max_new_tokens: int, batch_size: int, system: str = "",
                     target_language: str = "en") -> dict[str, float]:
     prompts = test["prompt"].tolist()
     completions = greedy_completions(model, tokenizer, prompts, max_new_tokens, batch_size, system)
-    # Right means exactly right: an answer spelled in words (partial credit in training) is not counted.
-    correct = [score == 1.0 for score in accuracy(prompts, completions, answer=test["answer"].tolist())]
+    correct = exactly_right(prompts, completions, test["answer"].tolist())
     formatted = format_reward(prompts, completions)
     in_script = [script_share(extract_reasoning(c), SCRIPTS[target_language]) for c in completions]
     return {"accuracy": sum(correct) / len(correct), "format_rate": sum(formatted) / len(formatted),
             "language": sum(in_script) / len(in_script)}
+
+
+def sampled_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, test: pd.DataFrame, params: Params,
+                   seed: int) -> dict[str, float]:
+    """pass@k (a prompt counts if any of its k samples is right) and mean@k (the samples' accuracy),
+    k = eval.samples, sampled as the rollouts are (rollout.temperature, top_p) from `seed`. Named
+    pass_at_k and mean_at_k: MLflow refuses "@" in a metric's name."""
+    k, cfg = params.eval.samples, params.rollout
+    generator = torch.Generator(model.device).manual_seed(seed)  # its own: training's draws stay as they are
+    eos, prompts = eos_token_ids(model, tokenizer), test["prompt"].tolist()
+    per_batch = max(1, params.eval.batch_size // k)  # eval.batch_size bounds the sequences decoded at once
+    correct: list[bool] = []
+    for start in range(0, len(prompts), per_batch):
+        batch = prompts[start:start + per_batch]
+        out = sample(model, encode_prompts(tokenizer, batch, params.data.system_prompt), group_size=k,
+                     max_new_tokens=params.eval.max_new_tokens, eos_ids=eos, pad_id=tokenizer.pad_token_id,
+                     temperature=cfg.temperature, top_p=cfg.top_p, generator=generator)
+        completions = tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
+        answers = test["answer"].tolist()[start:start + per_batch]
+        correct += exactly_right(list(np.repeat(batch, k)), completions, list(np.repeat(answers, k)))
+    right = np.array(correct).reshape(len(prompts), k)
+    return {f"pass_at_{k}": float(right.any(axis=1).mean()), f"mean_at_{k}": float(right.mean())}
+
+
+def curve_point(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, params: Params, layout: Layout,
+                iteration: int) -> dict[str, float]:
+    """The held-out metrics of the policy in `model`, the one after `iteration` (0: before the first),
+    as `eval/*` metrics of that iteration (`eval.every`): greedy accuracy, format rate and language
+    share, and with `eval.samples` k, sampled pass@k and mean@k. Greedy decoding draws nothing, and
+    the samples come from a generator seeded by (seed, iteration) alone: evaluating leaves the
+    training's draws unchanged, and a resumed run measures what the uninterrupted one did."""
+    started = time.perf_counter()
+    test = read_prompt_split(layout, "test")
+    with autocast(model.device, params.precision):
+        scores = held_out_scores(model.eval(), tokenizer, test, params.eval.max_new_tokens, params.eval.batch_size,
+                                 params.data.system_prompt, params.reward.target_language)
+        if params.eval.samples:
+            scores |= sampled_scores(model, tokenizer, test, params, iteration_seed(params.seed, iteration, 4))
+    return {**{f"eval/{key}": value for key, value in scores.items()},
+            "seconds/eval": time.perf_counter() - started}
 
 
 def evaluate(params: Params, layout: Layout) -> dict[str, float]:

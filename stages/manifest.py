@@ -54,7 +54,8 @@ def training_fingerprint(params: Params, layout: Layout) -> dict[str, str]:
 
 
 def write_manifest(layout: Layout, iteration: int, fingerprint: dict[str, str], started_from: str,
-                   metrics: dict[str, Any]) -> None:
+                   metrics: dict[str, Any], before: dict[str, Any] | None = None) -> None:
+    """`before`: the held-out metrics of the policy the run starts from (eval.every; iteration 1 only)."""
     folder = layout.iteration(iteration)
     write_json(folder / "manifest.json", {
         "iteration": iteration,
@@ -62,6 +63,7 @@ def write_manifest(layout: Layout, iteration: int, fingerprint: dict[str, str], 
         "outputs": {name: tree_digest(folder / name) for name in OUTPUTS},
         "checkpoint": tree_digest(layout.checkpoint(iteration)),
         "metrics": metrics,
+        **({"before": before} if before else {}),
     })
 
 

@@ -17,14 +17,23 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+def metric_rows(manifests: list[dict[str, Any]]) -> list[tuple[int, dict[str, Any]]]:
+    """(iteration, metrics) of the done iterations, after a row 0 with the held-out metrics of the
+    policy before the first update when the run measured them (eval.every)."""
+    rows = [(0, manifests[0]["before"])] if manifests and manifests[0].get("before") else []
+    return rows + [(m["iteration"], m["metrics"]) for m in manifests]
+
+
 def iterations_csv(manifests: list[dict[str, Any]]) -> str:
-    """One row per iteration; the columns are every metric any iteration reported, in first-seen order.
+    """One row per iteration; the columns are every metric any iteration reported, in first-seen order
+    (iteration 0, when there is one, holds only the eval/* metrics of the policy before training).
 
     The csv module rather than pandas: the file is rewritten after every iteration, and at a
     few hundred rows pandas takes ~10 ms of the training loop for it.
     """
-    rows = [{"iteration": m["iteration"], **m["metrics"]} for m in manifests]
-    columns = list(dict.fromkeys(key for row in rows for key in row))
+    rows = [{"iteration": iteration, **metrics} for iteration, metrics in metric_rows(manifests)]
+    columns = list(dict.fromkeys(["iteration", *(key for m in manifests for key in m["metrics"]),
+                                  *(key for row in rows for key in row)]))
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(columns)

@@ -89,6 +89,8 @@ def _stages_run(output: str) -> list[str]:
 def test_dvc_repro_runs_the_dag_once_and_reruns_only_what_a_grpo_knob_touches(repo, env):
     first = _run(["dvc", "repro"], repo, env)
     assert _stages_run(first.stdout) == ["prepare", "reference", "train", "evaluate"]
+    # Staged in git (core.autostage), so that an experiment's temporary copy starts from it (below).
+    assert "dvc.lock" in _run(["git", "diff", "--cached", "--name-only"], repo, env).stdout.split()
     metrics = json.loads((repo / "metrics" / "eval.json").read_text())
     assert 0 <= metrics["policy_accuracy"] <= 1
 
@@ -115,6 +117,51 @@ def test_dvc_repro_runs_the_dag_once_and_reruns_only_what_a_grpo_knob_touches(re
     assert client.list_artifacts(latest.info.run_id, "samples")  # completions per iteration
 
     _run(["git", "checkout", "params.yaml"], repo, env)
+
+
+def _queue_settled(repo: Path, env: dict[str, str]) -> str | None:
+    status = _run(["dvc", "queue", "status"], repo, env).stdout
+    busy = any(word in status for word in (" Queued", " Running")) or "0 active" not in status
+    return None if busy else status
+
+
+def test_a_queued_sweep_runs_each_experiment_once_grouped_in_mlflow(repo, env, tmp_path):
+    """DVC's grid syntax, queued and run by two queue workers at once: four DVC experiments, each
+    reusing the workspace's prepare and reference, four MLflow runs under one sweep tag with their
+    held-out curves, and `grpo compare --sweep` over them."""
+    grid = ["-S", "tracking.sweep=beta-lr", "-S", "eval.every=1",
+            "-S", "threads=1",  # two runs at once on two cores: one thread each (README, "Sweeps")
+            "-S", "grpo.beta=0.0,0.02", "-S", "grpo.lr=0.001,0.003"]
+    _run(["dvc", "exp", "run", "--queue", *grid], repo, env)
+    _run(["dvc", "queue", "start", "-j", "2"], repo, env)
+    status = _wait_for(lambda: _queue_settled(repo, env), 900, "the queued sweep to finish")
+
+    shown = json.loads(_run(["dvc", "exp", "show", "--json"], repo, env).stdout)
+    swept = {e["name"]: e["revs"][0]["data"] for commit in shown for e in commit.get("experiments") or []
+             if e["revs"][0]["data"]["params"]["params.yaml"]["data"].get("tracking", {}).get("sweep") == "beta-lr"}
+    assert len(swept) == 4, status
+    grid_points = {(d["params"]["params.yaml"]["data"]["grpo"]["beta"], d["params"]["params.yaml"]["data"]["grpo"]["lr"])
+                   for d in swept.values()}
+    assert grid_points == {(0.0, 0.001), (0.0, 0.003), (0.02, 0.001), (0.02, 0.003)}
+    for name, data in swept.items():
+        assert 0 <= data["metrics"]["metrics/eval.json"]["data"]["policy_accuracy"] <= 1
+        assert _stages_run(_run(["dvc", "queue", "logs", name], repo, env).stdout) == ["train", "evaluate"], name
+
+    client, runs = _mlflow_runs(repo)
+    grouped = [r for r in runs if r.data.tags.get("sweep") == "beta-lr"]
+    assert sorted(r.info.run_name for r in grouped) == sorted(swept)  # one MLflow run per experiment
+    for run in grouped:
+        assert run.info.status == "FINISHED"
+        held_out = client.get_metric_history(run.info.run_id, "eval/accuracy")
+        assert sorted(m.step for m in held_out) == [0, 1, 2]  # before training, then every iteration
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "reward")) == [1, 2]
+
+    figure = tmp_path / "sweep.png"
+    compared = _run([str(BIN / "python"), "-m", "flows.cli", "compare", "--sweep", "beta-lr", "--plot", str(figure)],
+                    repo, env)
+    assert all(name in compared.stdout for name in swept)
+    assert "grpo.beta" in compared.stdout and "grpo.lr" in compared.stdout
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_dvc_exp_run_refuses_a_bad_value_before_dvc_touches_an_output(repo, env, tmp_path):
@@ -205,6 +252,23 @@ def _task_run_names(api: str, flow_run_id) -> list[str]:
         return sorted(run.name for run in asyncio.run(query()))
 
 
+def _log_lines(api: str, flow_run_id) -> list[str]:
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import LogSort
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    async def query():  # the last 200: a run logs every line of DVC's output
+        async with get_client() as client:
+            return await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
+                                          limit=200, sort=LogSort.TIMESTAMP_DESC)
+
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        return [log.message for log in asyncio.run(query())]
+
+
 def _wait_for(condition, timeout: float, what: str):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -235,6 +299,10 @@ def test_a_triggered_deployment_is_a_dvc_experiment_and_an_mlflow_run(repo, pref
 
     run = _trigger(api, {"overrides": {"grpo.beta": 0.0}, "run_name": "beta-zero"})
     assert run.state.is_completed(), run.state
+    # prepare and reference (the SFT) came from the workspace's `dvc repro`, through the cache.
+    said = _wait_for(lambda: next((line for line in _log_lines(api, run.id) if "DVC ran" in line), None), 30,
+                     "the run's log to say which stages DVC ran")
+    assert said.startswith("experiment beta-zero: DVC ran check, train, evaluate;"), said  # check: params.yaml whole
 
     client, runs = _mlflow_runs(repo)
     triggered = [r for r in runs if r.info.run_name == "beta-zero"]

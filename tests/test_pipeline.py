@@ -17,7 +17,7 @@ from stages.generation import completion_logprobs
 from stages.modeling import load_pretrained
 from stages.objective import group_advantages, grpo_loss
 
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, without_timings
 
 ROLLOUT_COLUMNS = {"iteration", "prompt_id", "sample", "prompt", "completion", "prompt_ids", "completion_ids",
                    "logprobs", "finish_reason", "completion_length"}
@@ -131,3 +131,32 @@ def test_bad_params_exit_non_zero_with_one_line(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "error: params: rollout.group_size: Input should be greater than or equal to 2"]
     assert not (tmp_path / "data").exists()
+
+
+def test_eval_every_adds_a_held_out_curve_and_leaves_the_training_unchanged(project, tmp_path):
+    root, overrides = project
+    copy = tmp_path / "curve"
+    for name in ("data", "models/reference"):
+        shutil.copytree(root / name, copy / name)
+    layout = Layout(copy)
+    train_step(load_params(ROOT / "params.yaml", [*overrides, "eval.every=1", "eval.samples=3"]), layout)
+
+    # The same policy, and the same training metrics, as the run without evaluations.
+    assert tree_digest(layout.policy) == tree_digest(Layout(root).policy)
+    curve = pd.read_csv(layout.metrics / "iterations.csv")
+    plain = pd.read_csv(Layout(root).metrics / "iterations.csv")
+    trained = curve[curve.iteration > 0].reset_index(drop=True)
+    untimed = without_timings(plain).columns
+    pd.testing.assert_frame_equal(trained[untimed], plain[untimed], check_dtype=False)  # row 0 makes ints floats
+
+    # Row 0 is the policy before training, the reference; the last row the final policy: the
+    # evaluate stage's two measures of them.
+    assert curve.iteration.tolist() == [0, 1, 2]
+    assert pd.isna(curve.loc[0, "reward"])
+    final = json.loads((Layout(root).metrics / "eval.json").read_text())
+    for measure in ("accuracy", "format_rate", "language"):
+        assert curve[f"eval/{measure}"].iloc[0] == final[f"reference_{measure}"]
+        assert curve[f"eval/{measure}"].iloc[-1] == final[f"policy_{measure}"]
+    for column in ("eval/accuracy", "eval/format_rate", "eval/language", "eval/pass_at_3", "eval/mean_at_3"):
+        assert curve[column].between(0, 1).all(), column
+    assert (curve["eval/pass_at_3"] >= curve["eval/mean_at_3"]).all()  # any of 3 right vs their mean
