@@ -25,8 +25,9 @@ OUTPUTS = ("rollouts.parquet", "rewards.parquet", "advantages.parquet", "update.
 def training_fingerprint(params: Params, layout: Layout) -> dict[str, str]:
     """Everything an iteration's result depends on, except the checkpoint it starts from.
 
-    `grpo.iterations` is left out (a longer run extends a shorter one), and so are eval,
-    checkpoint retention, the reward timeout and workers, the trainers and the micro-batch size,
+    `grpo.iterations` is left out (a longer run extends a shorter one), and so are eval (unless
+    `eval.every` puts held-out points in the iterations' records: then a run with another curve
+    is another run, trained to the same weights, so that no curve has holes), checkpoint retention, the reward timeout and workers, the trainers and the micro-batch size,
     which do not change what an iteration computes (a micro-batched step rounds differently, within float error).
     """
     shaping = params.model_dump(mode="json", include={"seed", "device", "precision", "rollout", "reward", "grpo"})
@@ -46,10 +47,16 @@ def training_fingerprint(params: Params, layout: Layout) -> dict[str, str]:
     if shaping["rollout"].pop("engine") == "vllm":
         shaping["rollout"]["engine"] = "vllm"
         shaping["rollout"]["vllm"] = {key: vllm[key] for key in ("logprobs", "tis_cap")}
+    held_out = {}
+    if params.eval.every:  # the iterations' records hold the held-out curve: it is their output too
+        shaping["eval"] = params.eval.model_dump(mode="json", include={"every", "samples", "max_new_tokens",
+                                                                       "batch_size"})
+        held_out = {"test_prompts": tree_digest(layout.prompt_split("test"))}
     return {
         "params": value_digest(shaping),
         "reference": tree_digest(layout.reference),
         "train_prompts": tree_digest(layout.prompt_split("train")),
+        **held_out,
     }
 
 

@@ -160,3 +160,14 @@ def test_eval_every_adds_a_held_out_curve_and_leaves_the_training_unchanged(proj
     for column in ("eval/accuracy", "eval/format_rate", "eval/language", "eval/pass_at_3", "eval/mean_at_3"):
         assert curve[column].between(0, 1).all(), column
     assert (curve["eval/pass_at_3"] >= curve["eval/mean_at_3"]).all()  # any of 3 right vs their mean
+
+    # The curve is part of the run's record: the same settings redo nothing; another curve is another
+    # run, trained again to the same weights, so that no curve has holes.
+    manifests = [layout.iteration(i) / "manifest.json" for i in (1, 2)]
+    written = [m.stat().st_mtime_ns for m in manifests]
+    train_step(load_params(ROOT / "params.yaml", [*overrides, "eval.every=1", "eval.samples=3"]), layout)
+    assert [m.stat().st_mtime_ns for m in manifests] == written
+    train_step(load_params(ROOT / "params.yaml", [*overrides, "eval.every=2"]), layout)
+    assert all(m.stat().st_mtime_ns > w for m, w in zip(manifests, written))
+    assert pd.read_csv(layout.metrics / "iterations.csv")["eval/accuracy"].notna().tolist() == [True, False, True]
+    assert tree_digest(layout.policy) == tree_digest(Layout(root).policy)
