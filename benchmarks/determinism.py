@@ -2,6 +2,8 @@
 
     python benchmarks/determinism.py                  # ~15 min on 2 cores
     python benchmarks/determinism.py --iterations 60  # a shorter check
+    python benchmarks/determinism.py --no-cost --iterations 30 --set distributed.rollout_workers=2 \
+        --set threads=1 --output benchmarks/results/determinism_workers2.json   # another layout
 
 1. **Cost**: one update minibatch of the default shape (hidden 128, 4 layers, 32 shuffled
    completions of 16 prompts), forward and backward through `shared_prompt_logprobs`, with
@@ -89,8 +91,11 @@ def _run(command: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Compl
     return result
 
 
-def prepared_repository(parent: Path, iterations: int, env: dict[str, str]) -> Path:
-    """This project's files in a git + DVC repository, default params, prepare and reference done."""
+def prepared_repository(parent: Path, iterations: int, env: dict[str, str], overrides: list[str] = ()) -> Path:
+    """This project's files in a git + DVC repository, default params (and `overrides`), prepare and
+    reference done."""
+    from stages.config import set_key
+
     repo = parent / "repo"
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     for name in files:
@@ -98,6 +103,9 @@ def prepared_repository(parent: Path, iterations: int, env: dict[str, str]) -> P
         shutil.copy2(ROOT / name, repo / name)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["grpo"]["iterations"] = iterations
+    for override in overrides:
+        key, _, value = override.partition("=")
+        set_key(params, key, yaml.safe_load(value))
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for command in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-q", "-m", "default"],
                     ["dvc", "repro", "reference"]):
@@ -145,9 +153,11 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=220)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "determinism.json")
+    parser.add_argument("--set", action="append", default=[], help="a params override, e.g. rollout.max_lag=1")
+    parser.add_argument("--no-cost", action="store_true", help="skip part 1, the KV selection's cost")
     args = parser.parse_args()
 
-    result = {"kv_selection": kv_selection_cost(args.steps)}
+    result = {} if args.no_cost else {"kv_selection": kv_selection_cost(args.steps)}
     print(json.dumps(result, indent=2), flush=True)
     with tempfile.TemporaryDirectory(prefix="grpo-determinism-") as scratch:
         env = {**{k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))},
@@ -155,10 +165,10 @@ def main() -> None:
                "PREFECT_HOME": f"{scratch}/prefect", "MLFLOW_TRACKING_URI": f"sqlite:///{scratch}/mlflow.db",
                "GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@example.com",
                "GIT_COMMITTER_NAME": "b", "GIT_COMMITTER_EMAIL": "b@example.com"}
-        repo = prepared_repository(Path(scratch), args.iterations, env)
+        repo = prepared_repository(Path(scratch), args.iterations, env, args.set)
         runs = {"first": full_run(repo, "first", env), "second": full_run(repo, "second", env),
                 "killed_and_resumed": full_run(repo, "killed", env, kill_at=args.iterations // 2)}
-    result |= {"iterations": args.iterations, "cpu_count": os.cpu_count(), "runs": runs,
+    result |= {"iterations": args.iterations, "overrides": args.set, "cpu_count": os.cpu_count(), "runs": runs,
                "all_equal": len({run["policy"] for run in runs.values()}) == 1}
     print(json.dumps(result, indent=2))
     args.output.write_text(json.dumps(result, indent=2) + "\n")
