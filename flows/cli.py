@@ -264,7 +264,8 @@ def compare(
         raise typer.Exit(1) from None
     console = Console(width=160)
     for title, frame in (("params that differ", differing_params(chosen)),
-                         ("metrics (final / best)", metric_summary(root.resolve(), chosen))):
+                         ("metrics (final / best)" if len(chosen) <= 2 else "metrics (final)",
+                          metric_summary(root.resolve(), chosen))):
         table = Table(title=title)
         table.add_column("")
         for column in frame.columns:

@@ -65,6 +65,7 @@ def differing_params(runs: list[Any]) -> pd.DataFrame:
 
 
 def metric_summary(root: Path, runs: list[Any]) -> pd.DataFrame:
+    """Per metric, each run's final and best value (its final only, for more than two runs)."""
     client = _mlflow(root).MlflowClient()
     rows = []
     for metric in SUMMARY:
@@ -75,8 +76,11 @@ def metric_summary(root: Path, runs: list[Any]) -> pd.DataFrame:
                 continue
             values = [m.value for m in sorted(history, key=lambda m: m.step)]
             best = min(values) if _lower_is_better(metric) else max(values)
-            row[f"{label(run)} final"] = values[-1]
-            row[f"{label(run)} best"] = best
+            if len(runs) > 2:  # a sweep: one column per run, so that the table fits a terminal
+                row[label(run)] = values[-1]
+            else:
+                row[f"{label(run)} final"] = values[-1]
+                row[f"{label(run)} best"] = best
         if len(row) > 1:
             rows.append(row)
     return pd.DataFrame(rows).set_index("metric") if rows else pd.DataFrame()
@@ -89,14 +93,19 @@ def plot_curves(root: Path, runs: list[Any], target: Path) -> Path:
     import matplotlib.pyplot as plt
 
     client = _mlflow(root).MlflowClient()
+    differing = differing_params(runs)
+    # Each line says what its run changed: "boozy-volt: beta=0.0, lr=0.003".
+    legend = [label(run) + (": " + ", ".join(f"{key.rsplit('.', 1)[-1]}={differing.iloc[row, column]}"
+                                             for row, key in enumerate(differing.index)) if len(differing) else "")
+              for column, run in enumerate(runs)]
     histories = {metric: [sorted(client.get_metric_history(run.info.run_id, metric), key=lambda m: m.step)
                           for run in runs] for metric in CURVES}
-    shown = [metric for metric in CURVES if any(histories[metric])]  # eval/accuracy: only runs with eval.every
+    shown = [metric for metric in CURVES if any(histories[metric])] or CURVES[:2]  # eval/accuracy: with eval.every
     figure, axes = plt.subplots(1, len(shown), figsize=(6 * len(shown), 4), squeeze=False)
     for axis, metric in zip(axes[0], shown):
-        for run, history in zip(runs, histories[metric]):
+        for line, history in zip(legend, histories[metric]):
             # Held-out points are eval.every iterations apart: markers show where they were measured.
-            axis.plot([m.step for m in history], [m.value for m in history], label=label(run),
+            axis.plot([m.step for m in history], [m.value for m in history], label=line,
                       marker="o" if metric.startswith("eval/") else None, markersize=3)
         axis.set(title="held-out accuracy (greedy)" if metric == "eval/accuracy" else metric, xlabel="iteration")
         axis.grid(alpha=0.3)
