@@ -87,7 +87,10 @@ def curve_point(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, para
     training's draws unchanged, and a resumed run measures what the uninterrupted one did."""
     started = time.perf_counter()
     test = read_prompt_split(layout, "test")
-    with autocast(model.device, params.precision):
+    with (memory_named(f"the held-out evaluation after iteration {iteration}",
+                       f"{params.eval.batch_size} sequences decoded at once, up to {params.eval.max_new_tokens} new "
+                       f"tokens, vocabulary {model.config.vocab_size}", "lower eval.batch_size"),
+          autocast(model.device, params.precision)):
         scores = held_out_scores(model.eval(), tokenizer, test, params.eval.max_new_tokens, params.eval.batch_size,
                                  params.data.system_prompt, params.reward.target_language)
         if params.eval.samples:
