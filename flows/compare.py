@@ -10,6 +10,7 @@ from typing import Any
 import pandas as pd
 
 from flows.tracking import EXPERIMENT, _mlflow
+from stages.config import SWEEP_NAME
 
 CURVES = ["reward", "rewards/accuracy", "eval/accuracy"]  # the last: held-out, with eval.every
 SUMMARY = ["reward", "rewards/accuracy", "kl", "entropy", "completions/mean_length", "seconds/iteration",
@@ -28,7 +29,7 @@ def resolve_runs(root: Path, refs: list[str], sweep: str | None = None) -> list[
     if experiment is None:
         raise ValueError(f"no MLflow experiment {EXPERIMENT!r} in this store: run the pipeline first")
     if sweep is not None:
-        if not re.fullmatch(r"[\w.:@+=/-]*", sweep):
+        if not re.match(SWEEP_NAME, sweep):
             raise ValueError(f"compare: {sweep!r} is not a sweep name (letters, digits and . : @ + = / - _)")
         swept = client.search_runs([experiment.experiment_id], filter_string=f"tags.sweep = '{sweep}'",
                                    order_by=["attributes.start_time ASC"])

@@ -234,9 +234,12 @@ class CheckpointConfig(Section):
     keep_last: int = Field(ge=1)
 
 
+SWEEP_NAME = r"^[\w.:@+=/-]*$"  # tracking.sweep, and what `grpo compare --sweep` accepts
+
+
 class TrackingConfig(Section):
     # The MLflow tag `sweep` grouping a sweep's runs ("" = none): a name that reads in a filter string.
-    sweep: str = Field(max_length=250, pattern=r"^[\w.:@+=/-]*$")
+    sweep: str = Field(max_length=250, pattern=SWEEP_NAME)
 
 
 class Params(Section):
