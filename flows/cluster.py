@@ -9,7 +9,8 @@
     ├── rollout worker 0 … M-1  Ray actors, whole prompt groups each
     │     generate(i, its share of the prompts, weights of checkpoint i-1-max_lag) → rows,
     │     which the controller writes to rollouts.parquet in the single process's order
-    └── reward scorers          Ray tasks, whole groups each, results in order
+    └── reward scorer 0 … K-1    Ray actors, whole groups each, results in order; each
+          with its scoring process (reward models loaded once per run)
     (files: runs/iterations/NNNN/*.parquet as ever; runs/checkpoints/NNNN/ from rank 0)
 
 Rollouts run ahead of the update by `rollout.max_lag` iterations: the rollout of iteration
@@ -182,15 +183,18 @@ class RolloutWorker:
 
 
 @ray.remote(num_cpus=1)
-def score_share(rollouts: pd.DataFrame, cfg: RewardConfig, group_size: int | None, where: str,
-                cwd: str, path: list[str], max_new_tokens: int | None = None) -> pd.DataFrame:
-    """One reward scorer's share of whole groups, scored as in process (`stages.reward.score_rollouts`).
+class RewardScorer:
+    """A reward scorer: its share of an iteration's whole groups, scored as in process
+    (`stages.reward.score_rollouts`), by a scoring process of its own that lives as long as the
+    run — the user's modules imported and any reward or judge model loaded once, not per iteration."""
 
-    The user's reward modules import here as they do in the controller: from its working
-    directory and import path (a worker may have started before either changed)."""
-    os.chdir(cwd)
-    sys.path[:0] = [entry for entry in path if entry not in sys.path]
-    return score_rollouts(rollouts, cfg, group_size, where, max_new_tokens)
+    def score(self, rollouts: pd.DataFrame, cfg: RewardConfig, group_size: int | None, where: str,
+              cwd: str, path: list[str], max_new_tokens: int | None = None) -> pd.DataFrame:
+        # The user's reward modules import here as they do in the controller: from its working
+        # directory and import path (the scorer may have started before either changed).
+        os.chdir(cwd)
+        sys.path[:0] = [entry for entry in path if entry not in sys.path]
+        return score_rollouts(rollouts, cfg, group_size, where, max_new_tokens)
 
 
 def _cause(error: BaseException) -> str:
@@ -327,17 +331,36 @@ class Cluster:
             ray.kill(actor, no_restart=True)
 
 
+_scorers: dict[str, Any] = {"session": None, "actors": []}  # the RewardScorers of this Ray session
+
+
+def reward_scorers(workers: int) -> list:
+    """The run's `workers` RewardScorer actors, started on first use (0: stop them)."""
+    session = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    if _scorers["session"] != session or len(_scorers["actors"]) != workers:
+        if _scorers["session"] == session:
+            for actor in _scorers["actors"]:
+                ray.kill(actor, no_restart=True)
+        _scorers.update(session=session, actors=[RewardScorer.remote() for _ in range(workers)])
+    return _scorers["actors"]
+
+
 def score_in_parallel(workers: int):
-    """A `stages.reward` scorer spreading whole groups over `workers` Ray tasks, results in order."""
+    """A `stages.reward` scorer spreading whole groups over `workers` Ray actors, results in order."""
 
     def score(rollouts: pd.DataFrame, cfg: RewardConfig, group_size: int | None, where: str,
               max_new_tokens: int | None = None) -> pd.DataFrame:
         groups = pd.factorize(rollouts["prompt_id"])[0]
         shares = [rollouts.iloc[np.isin(groups, part)] for part in np.array_split(np.arange(groups.max() + 1), workers)
                   if len(part)]
-        refs = {f"reward scorer {n}": score_share.remote(share, cfg, group_size, where, os.getcwd(), sys.path,
-                                                         max_new_tokens)
-                for n, share in enumerate(shares)}
-        return pd.concat(list(wait(refs).values())).loc[rollouts.index]  # the rows' own order
+        refs = {f"reward scorer {n}": scorer.score.remote(share, cfg, group_size, where, os.getcwd(), sys.path,
+                                                          max_new_tokens)
+                for n, (scorer, share) in enumerate(zip(reward_scorers(workers), shares))}
+        try:
+            scored = wait(refs)
+        except Exception:  # a scorer may be dead or mid-call: a retry starts from fresh ones
+            reward_scorers(0)
+            raise
+        return pd.concat(list(scored.values())).loc[rollouts.index]  # the rows' own order
 
     return score

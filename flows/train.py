@@ -51,7 +51,7 @@ from stages.modeling import compile_forward, configure_threads
 from stages.distributed import needs_ray, uses_ray
 from stages.policy import load_reference, load_train_state
 from stages.report import metric_rows, write_training_metrics
-from stages.reward import reward
+from stages.reward import check_model_inputs, reward
 from stages.rollout import rollout
 from stages.update import TrainState, update
 from stages.vllm_engine import VllmEngine
@@ -252,6 +252,7 @@ def train_iterations(params: Params, layout: Layout, run_name: str | None,
     done = done[:start]
     if start:
         logger.info("resuming after iteration %d (its outputs and checkpoint match this run)", start)
+    check_model_inputs(params.reward, layout, params.rollout.max_new_tokens)
     with stage_engine(params, layout, start, logger) as engine:
         stops.check("loading the models")
         return run_from(params, layout, run_name, stops, fingerprint, start, done, engine)

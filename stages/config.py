@@ -146,10 +146,84 @@ class RolloutConfig(Section):
     vllm: VllmConfig
 
 
+class RewardModelSpec(Section):
+    """`reward.models.NAME`: a sequence-classification reward model (one scalar per completion)."""
+
+    path: str = Field(min_length=1)  # a local Hugging Face directory; a relative path is from the working directory
+    batch_size: int = Field(default=16, ge=1)  # completions per forward
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when there is one (bf16 there, fp32 on CPU)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a_path_alone(cls, value: Any) -> Any:
+        return {"path": value} if isinstance(value, str) else value  # `helpful: path/to/rm`
+
+
+JUDGE_FIELDS = ("prompt", "completion", "answer")
+
+
+class JudgeSpec(Section):
+    """`reward.judges.NAME`: an LLM asked to grade each completion, its reply parsed into a number."""
+
+    model: str = ""  # a local causal LM directory; or
+    url: str = ""  # an OpenAI-compatible server's API, e.g. http://127.0.0.1:8000/v1 (a vLLM server)
+    served_model: str = ""  # the model's name at `url`; "" = the first the server lists
+    # true: the question as a user turn through the model's chat template (a server's /chat/completions);
+    # false: the filled template and a newline as plain text (/completions), for a model without one
+    chat: bool = True
+    template: str = Field(min_length=1)  # the question, with {prompt} and {completion}, and {answer} if it helps
+    parse: str = r"-?\d+(?:\.\d+)?"  # a regex: the score is its first match in the reply (group 1 if it has one)
+    unparsed: Literal["error", "abstain"] = "error"  # a reply without a score: stop the run naming it, or None
+    max_new_tokens: int = Field(default=8, ge=1)  # the reply's length; greedy decoding
+    batch_size: int = Field(default=8, ge=1)  # completions judged at once (a forward, or requests in flight)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = Field(default=0, ge=0)  # sent with every request: a server that samples anyway is repeatable
+
+    @field_validator("template")
+    @classmethod
+    def _known_fields(cls, template: str) -> str:
+        import string
+
+        try:
+            fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+        except ValueError as error:
+            raise ValueError(f"template is not a format string: {error} (write {{{{ and }}}} for braces)") from None
+        unknown = fields - set(JUDGE_FIELDS)
+        if unknown:
+            raise ValueError(f"template has {{{sorted(unknown)[0]}}}: its fields are {{prompt}}, {{completion}}, "
+                             f"{{answer}}")
+        missing = [name for name in ("prompt", "completion") if name not in fields]
+        if missing:
+            raise ValueError(f"template has no {{{missing[0]}}}: the judge must see the prompt and the completion")
+        return template
+
+    @field_validator("parse")
+    @classmethod
+    def _a_regex_with_at_most_one_group(cls, parse: str) -> str:
+        try:
+            groups = re.compile(parse).groups
+        except re.error as error:
+            raise ValueError(f"parse is not a regular expression: {error}") from None
+        if groups > 1:
+            raise ValueError(f"parse has {groups} groups: the score is the whole match or its one group")
+        return parse
+
+    @model_validator(mode="after")
+    def _one_source(self) -> JudgeSpec:
+        if bool(self.model) == bool(self.url):
+            raise ValueError("set one of model (a local directory) and url (an OpenAI-compatible server)")
+        if self.url and not re.fullmatch(r"https?://[A-Za-z0-9_.\-\[\]:]+(:[0-9]{1,5})?(/[^\s]*)?", self.url):
+            raise ValueError(f"url {self.url!r} is not a server address: use 'http://host:port/v1'")
+        return self
+
+
 class RewardConfig(Section):
     weights: dict[str, float] = Field(min_length=1)
     target_language: str
     custom: list[str]  # "package.module:function"
+    # Empty unless asked for: a params.yaml written before these keys existed still loads.
+    models: dict[str, RewardModelSpec] = {}  # reward models by component name, each weighted in `weights`
+    judges: dict[str, JudgeSpec] = {}  # LLM judges by component name, each weighted in `weights`
     timeout_seconds: float = Field(gt=0)  # per call of one reward function on one iteration's completions
     workers: int = Field(ge=0)  # Ray workers scoring an iteration's groups in parallel; 0 = in this process
     overlong_buffer: int = Field(ge=1)  # `overlong`: tokens before rollout.max_new_tokens where its penalty ramps
@@ -339,7 +413,7 @@ def parse_params(raw: dict[str, Any]) -> Params:
     from stages.rewards import resolve  # late: it imports math-verify and the user's reward modules
 
     try:
-        resolve(params.reward.weights, params.reward.custom)
+        resolve(params.reward.weights, params.reward.custom, params.reward.models, params.reward.judges)
     except ConfigError as error:
         raise ConfigError(f"params: {error}") from None
     return params

@@ -22,6 +22,7 @@ from stages.modeling import (autocast, check_context, check_model_dir, compute_d
                              eos_token_ids, load_pretrained, resolve_device)
 from stages.memory import memory_named
 from stages.prepare import read_prompt_split
+from stages.reward import reward_metrics, score_rollouts
 from stages.rollout import iteration_seed  # streams 0-3: prompts, sampling, minibatches, dropout
 from stages.languages import SCRIPTS
 from stages.rewards import accuracy, extract_reasoning, format_reward, script_share
@@ -59,23 +60,30 @@ def held_out_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
 def sampled_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, test: pd.DataFrame, params: Params,
                    seed: int) -> dict[str, float]:
     """pass@k (a prompt counts if any of its k samples is right) and mean@k (the samples' accuracy),
-    k = eval.samples, sampled as the rollouts are (rollout.temperature, top_p) from `seed`. Named
-    pass_at_k and mean_at_k: MLflow refuses "@" in a metric's name."""
+    k = eval.samples, sampled as the rollouts are (rollout.temperature, top_p) from `seed`; and the
+    samples' mean reward under the run's own `reward` (each component too: `rewards/NAME`), as verl
+    validates, so a run rewarded by a model or a judge shows where it moves on unseen prompts.
+    Named pass_at_k and mean_at_k: MLflow refuses "@" in a metric's name."""
     k, cfg = params.eval.samples, params.rollout
     generator = torch.Generator(model.device).manual_seed(seed)  # its own: training's draws stay as they are
     eos, prompts = eos_token_ids(model, tokenizer), test["prompt"].tolist()
     per_batch = max(1, params.eval.batch_size // k)  # eval.batch_size bounds the sequences decoded at once
-    correct: list[bool] = []
+    completions: list[str] = []
+    lengths: list[int] = []
     for start in range(0, len(prompts), per_batch):
-        batch = prompts[start:start + per_batch]
-        out = sample(model, encode_prompts(tokenizer, batch, params.data.system_prompt), group_size=k,
-                     max_new_tokens=params.eval.max_new_tokens, eos_ids=eos, pad_id=tokenizer.pad_token_id,
-                     temperature=cfg.temperature, top_p=cfg.top_p, generator=generator)
-        completions = tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
-        answers = test["answer"].tolist()[start:start + per_batch]
-        correct += exactly_right(list(np.repeat(batch, k)), completions, list(np.repeat(answers, k)))
-    right = np.array(correct).reshape(len(prompts), k)
-    return {f"pass_at_{k}": float(right.any(axis=1).mean()), f"mean_at_{k}": float(right.mean())}
+        out = sample(model, encode_prompts(tokenizer, prompts[start:start + per_batch], params.data.system_prompt),
+                     group_size=k, max_new_tokens=params.eval.max_new_tokens, eos_ids=eos,
+                     pad_id=tokenizer.pad_token_id, temperature=cfg.temperature, top_p=cfg.top_p, generator=generator)
+        completions += tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
+        lengths += out.lengths.tolist()
+    samples = pd.DataFrame({"prompt_id": np.repeat(test["prompt_id"].to_numpy(), k), "sample": np.tile(np.arange(k),
+                            len(prompts)), "prompt": np.repeat(prompts, k), "answer": np.repeat(test["answer"].to_numpy(), k),
+                            "completion": completions, "completion_length": lengths})
+    right = np.array(exactly_right(samples["prompt"].tolist(), completions, samples["answer"].tolist()))
+    right = right.reshape(len(prompts), k)
+    rewards = score_rollouts(samples, params.reward, k, "the held-out samples", params.eval.max_new_tokens)
+    return {f"pass_at_{k}": float(right.any(axis=1).mean()), f"mean_at_{k}": float(right.mean()),
+            **reward_metrics(rewards, list(params.reward.weights), groups=False)}
 
 
 def curve_point(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, params: Params, layout: Layout,

@@ -107,9 +107,9 @@ def score_rollouts(rollouts: pd.DataFrame, cfg: RewardConfig, group_size: int | 
     check_groups(rollouts, group_size, where)
     rewards = rollouts[["prompt_id", "sample"]].copy()
     total = np.zeros(len(rollouts))
-    resolve(cfg.weights, cfg.custom)  # here too: a reward that no longer imports is named before any scoring
-    scores = scoring_process(cfg.custom).score(cfg.weights, cfg.custom, rollouts, run_settings(cfg, max_new_tokens),
-                                               cfg.timeout_seconds)
+    # Here too: a reward that no longer imports (or a model directory since removed) is named before any scoring.
+    resolve(cfg.weights, cfg.custom, cfg.models, cfg.judges)
+    scores = scoring_process(cfg).score(cfg.weights, rollouts, run_settings(cfg, max_new_tokens), cfg.timeout_seconds)
     for name, values in scores.items():
         rewards[name] = values
         total += cfg.weights[name] * np.nan_to_num(values, nan=0.0)  # abstain adds 0
@@ -117,17 +117,26 @@ def score_rollouts(rollouts: pd.DataFrame, cfg: RewardConfig, group_size: int | 
     return rewards
 
 
-def reward_metrics(rewards: pd.DataFrame, components: list[str]) -> dict[str, float]:
-    grouped = rewards.groupby("prompt_id", sort=False)["reward"]
-    group_std = grouped.std()
-    metrics = {
-        "reward": float(rewards["reward"].mean()),
-        "reward_std": float(group_std.mean()),
-        "frac_reward_zero_std": float((group_std == 0).mean()),
-    }
+def reward_metrics(rewards: pd.DataFrame, components: list[str], groups: bool = True) -> dict[str, float]:
+    """The mean reward and each component's; with `groups`, the within-group spread GRPO learns from."""
+    metrics = {"reward": float(rewards["reward"].mean())}
+    if groups:
+        group_std = rewards.groupby("prompt_id", sort=False)["reward"].std()
+        metrics |= {"reward_std": float(group_std.mean()), "frac_reward_zero_std": float((group_std == 0).mean())}
     for name in components:
         metrics[f"rewards/{name}"] = float(rewards[name].mean())
     return metrics
+
+
+def check_model_inputs(cfg: RewardConfig, layout: Layout, max_new_tokens: int) -> None:
+    """Before any rollout: every judge server answers, and every reward or judge model's context holds
+    the longest training prompt with max_new_tokens of completion (`stages.reward_models`)."""
+    if cfg.models or cfg.judges:
+        from stages.reward_models import check_prompts_fit
+
+        prompts = pd.read_parquet(layout.prompt_split("train"), columns=["prompt", "answer"])
+        check_prompts_fit(cfg.models, cfg.judges, prompts["prompt"].tolist(), prompts["answer"].tolist(),
+                          max_new_tokens)
 
 
 # (rollouts, cfg, group_size, where, max_new_tokens): `score_rollouts`' arguments, in its order.

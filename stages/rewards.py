@@ -241,18 +241,30 @@ def import_reward(dotted: str) -> RewardFn:
     return fn
 
 
-def resolve(weights: dict[str, float], custom: list[str]) -> dict[str, RewardFn]:
-    """The reward components of a run, by name: built-ins plus the user's, each with a weight."""
+def resolve(weights: dict[str, float], custom: list[str], models: dict | None = None,
+            judges: dict | None = None) -> dict[str, RewardFn]:
+    """The reward components of a run, by name: built-ins, the user's functions (`custom`), reward
+    models and judges (`stages.reward_models`: checked here, loaded when first called), each with a weight."""
+    from stages.reward_models import check_model_rewards, model_rewards
+
+    models, judges = models or {}, judges or {}
     available = dict(REGISTRY)
     for dotted in custom:
         name = dotted.replace(":", ".").rsplit(".", 1)[-1]
         if name in available:  # a second function of that name would silently replace the first
             raise ConfigError(f"reward.custom: {dotted!r} is named {name!r}, like another reward; rename it")
         available[name] = import_reward(dotted)
+    for section, names in (("models", models), ("judges", judges)):
+        for name in names:
+            if name in available:
+                raise ConfigError(f"reward.{section}.{name}: named like another reward; rename it")
+    check_model_rewards(models, judges)
+    available.update(model_rewards(models, judges))
     for name in weights:
         if name not in available:
             raise ConfigError(f"reward.weights.{name}: no such reward (known: {', '.join(sorted(available))})")
     for name in set(available) - set(REGISTRY):
         if name not in weights:
-            raise ConfigError(f"reward.custom: {name!r} has no weight in reward.weights")
+            where = ("models" if name in models else "judges") if name in {**models, **judges} else "custom"
+            raise ConfigError(f"reward.{where}: {name!r} has no weight in reward.weights")
     return {name: available[name] for name in weights}

@@ -4,7 +4,8 @@ A reward that hangs (a judge that never answers, a regex that backtracks forever
 simplification that never ends) would otherwise hang the whole run: a thread cannot be
 stopped, and C code holding the GIL would stop the trainer's threads too. So the reward
 stage hands each component's call to a scoring process, `python -m stages.scoring`, started
-once per run (math-verify and the user's reward modules are imported once), and waits for
+once per run (math-verify, the user's reward modules and any reward or judge model are
+loaded once), and waits for
 its answer at most `reward.timeout_seconds`. A call past its deadline kills the process and
 stops the iteration before rewards.parquet is written, naming the reward and the prompts.
 
@@ -29,7 +30,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from stages.errors import RewardError, one_line
+from stages.config import RewardConfig
+from stages.errors import PipelineError, RewardError, one_line
 
 COLUMNS = ["prompt", "completion", "answer", "prompt_id", "sample"]
 OPTIONAL_COLUMNS = ["completion_length"]  # sent when the rollouts have it (rollout's do; a hand-made frame may not)
@@ -50,27 +52,39 @@ def _prompt_ids(rollouts: pd.DataFrame, shown: int = 4) -> str:
     return f"prompt_id {listed}" + (f" and {len(ids) - shown} more" if len(ids) > shown else "")
 
 
-def _key(custom: list[str]) -> tuple:
-    return tuple(sys.path), os.getcwd(), tuple(custom)
+def scorers(cfg: RewardConfig) -> str:
+    """What the scoring process loads at its start, as its one argument: the user's reward modules,
+    the reward and judge models, and the torch threads a model may use (the caller's: the trainer's
+    `threads` in process, one on a reward worker)."""
+    threads = sys.modules["torch"].get_num_threads() if "torch" in sys.modules else 1
+    return json.dumps({"custom": cfg.custom, "models": {n: s.model_dump() for n, s in cfg.models.items()},
+                       "judges": {n: s.model_dump() for n, s in cfg.judges.items()}, "threads": threads},
+                      sort_keys=True)
+
+
+def _key(spec: str) -> tuple:
+    return tuple(sys.path), os.getcwd(), spec
 
 
 class ScoringProcess:
     """The trainer's end: one scoring process, one iteration's rewards at a time."""
 
-    def __init__(self, custom: list[str]) -> None:
+    def __init__(self, spec: str) -> None:
         # The user's reward modules must import there as they do here (`python -m` puts the
         # project on sys.path; tests prepend their workspace).
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-        self.key = _key(custom)
-        self.process = subprocess.Popen([sys.executable, "-m", "stages.scoring", *custom], stdin=subprocess.PIPE,
+        self.key = _key(spec)
+        self.process = subprocess.Popen([sys.executable, "-m", "stages.scoring", spec], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, env=env, preexec_fn=_die_with_parent)
         self._received = b""
-        # It imports math-verify and the user's modules before it says it is ready: that time
-        # is not a reward's, and must not count against reward.timeout_seconds.
-        if json.loads(self._line(STARTUP_SECONDS) or b"{}") != {"ready": True}:
+        # It imports math-verify and the user's modules, and loads the models, before it says it
+        # is ready: that time is not a reward's, and must not count against reward.timeout_seconds.
+        started = self._line(STARTUP_SECONDS)
+        if started is None or not started or "ready" not in json.loads(started):
             self.stop()
-            raise RewardError(f"the reward scoring process did not start within {STARTUP_SECONDS} s "
-                              f"(exit code {self.process.returncode}); see the lines above")
+            why = json.loads(started).get("error") if started else None
+            raise RewardError(why or f"the reward scoring process did not start within {STARTUP_SECONDS} s "
+                                     f"(exit code {self.process.returncode}); see the lines above")
 
     def _line(self, seconds: float) -> bytes | None:
         """The next reply line; None past the deadline; b"" if the process ended."""
@@ -96,14 +110,14 @@ class ScoringProcess:
             self.process.kill()
         self.process.wait()
 
-    def score(self, weights: dict[str, float], custom: list[str], rollouts: pd.DataFrame, settings: dict[str, Any],
+    def score(self, weights: dict[str, float], rollouts: pd.DataFrame, settings: dict[str, Any],
               timeout: float) -> dict[str, np.ndarray]:
         """`score_component` of every weighted reward, run there in order, each within `timeout`;
         one request for all (the completions are sent once), one reply per reward. `settings`:
         `stages.reward.run_settings` (target_language, max_new_tokens, overlong_buffer)."""
         names = list(weights)
         columns = COLUMNS + [column for column in OPTIONAL_COLUMNS if column in rollouts]
-        request = {"names": names, "weights": weights, "custom": custom, "settings": settings,
+        request = {"names": names, "weights": weights, "settings": settings,
                    "columns": {column: rollouts[column].tolist() for column in columns}}
         self.process.stdin.write(json.dumps(request, default=_plain).encode() + b"\n")
         self.process.stdin.flush()
@@ -138,17 +152,18 @@ def _plain(value: Any) -> Any:
 _current: ScoringProcess | None = None
 
 
-def scoring_process(custom: list[str]) -> ScoringProcess:
-    """The run's scoring process: started on first use, again after a timeout or when what it imports changed."""
+def scoring_process(cfg: RewardConfig) -> ScoringProcess:
+    """The run's scoring process: started on first use, again after a timeout or when what it loads changed."""
     global _current
-    if _current is None or not _current.alive() or _current.key != _key(custom):
+    spec = scorers(cfg)
+    if _current is None or not _current.alive() or _current.key != _key(spec):
         if _current is not None:
             _current.stop()
-        _current = ScoringProcess(custom)
+        _current = ScoringProcess(spec)
     return _current
 
 
-def serve(requests, replies) -> None:
+def serve(spec: dict, requests, replies) -> None:
     from stages.reward import score_component  # imported by warm_up already
     from stages.rewards import resolve
 
@@ -157,7 +172,8 @@ def serve(requests, replies) -> None:
         columns = pd.DataFrame(request["columns"])
         for name in request["names"]:  # each answered as soon as it is scored: its own deadline
             try:
-                functions = resolve(request["weights"], request["custom"])
+                # The same objects each time: a model component keeps its loaded model.
+                functions = resolve(request["weights"], spec["custom"], spec["models"], spec["judges"])
                 values = score_component(name, functions[name], columns, request["settings"])
                 reply = {"values": [None if math.isnan(v) else float(v) for v in values]}
             except RewardError as error:
@@ -169,14 +185,26 @@ def serve(requests, replies) -> None:
                 break  # the trainer stops at the first error
 
 
-def warm_up(custom: list[str]) -> None:
-    """Import what scoring needs, so a reward's first call is timed on its own work."""
+def warm_up(spec: dict) -> dict:
+    """Import what scoring needs and load the models, so a reward's first call is timed on its own
+    work; `spec` (from `scorers`) with the model sections as the params' own types."""
     import stages.reward  # noqa: F401  (what `serve` calls: pandas, pyarrow, pydantic; no torch)
+    from stages.config import JudgeSpec, RewardModelSpec
     from stages.rewards import answers_match, import_reward
 
     answers_match("1", "1")  # math-verify imports its parsers on first use
-    for dotted in custom:
+    for dotted in spec["custom"]:
         import_reward(dotted)
+    models = {n: RewardModelSpec.model_validate(s) for n, s in spec["models"].items()}
+    judges = {n: JudgeSpec.model_validate(s) for n, s in spec["judges"].items()}
+    if models or any(s.model for s in judges.values()):
+        import torch
+
+        from stages.reward_models import warm_up as load_models
+
+        torch.set_num_threads(spec["threads"])
+        load_models(models, judges)
+    return {**spec, "models": models, "judges": judges}
 
 
 def main() -> int:
@@ -185,12 +213,15 @@ def main() -> int:
     replies = os.fdopen(os.dup(sys.stdout.fileno()), "w", encoding="utf-8")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     try:
-        warm_up(sys.argv[1:])
+        spec = warm_up(json.loads(sys.argv[1]))
+    except PipelineError as error:  # a model that passed the checks but does not load: the trainer says it
+        print(json.dumps({"error": str(error)}), file=replies, flush=True)
+        return 1
     except Exception as error:  # refused at params load already; the trainer names it
         print(f"scoring process: {type(error).__name__}: {one_line(error)}", file=sys.stderr)
         return 1
     print(json.dumps({"ready": True}), file=replies, flush=True)
-    serve(sys.stdin, replies)
+    serve(spec, sys.stdin, replies)
     return 0
 
 

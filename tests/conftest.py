@@ -184,3 +184,17 @@ def pytest_unconfigure(config):
     import logging
 
     logging.raiseExceptions = False
+
+
+@pytest.fixture(scope="session")
+def format_reward_model(tmp_path_factory) -> Path:
+    """A sequence-classification reward model trained here to prefer well-formed completions."""
+    from model_rewards import build_format_reward_model
+    return build_format_reward_model(tmp_path_factory.mktemp("models") / "format-rm")
+
+
+@pytest.fixture(scope="session")
+def format_judge(tmp_path_factory) -> Path:
+    """A causal LM trained here to answer model_rewards.JUDGE_TEMPLATE with 1 (well formed) or 0."""
+    from model_rewards import build_format_judge
+    return build_format_judge(tmp_path_factory.mktemp("models") / "format-judge")

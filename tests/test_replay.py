@@ -86,6 +86,18 @@ def test_rescore_under_other_weights_writes_the_new_scores_under_a_new_name(fini
                                                 // params.rollout.group_size)
 
 
+def test_grpo_rescore_scores_a_finished_run_with_a_reward_model(finished, format_reward_model):
+    before = run_files(finished)
+    result = grpo(finished, "rescore", "2", "--set", f"reward.models.rm={format_reward_model}",
+                  "--set", "reward.weights.rm=1.0", "--name", "with-rm")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rescored = pd.read_parquet(finished / "rescored" / "0002-with-rm" / "rewards.parquet")
+    recorded = pd.read_parquet(Layout(finished).iteration(2) / "rewards.parquet")
+    assert rescored["rm"].notna().all() and rescored["rm"].std() > 0
+    assert (rescored["reward"] - recorded["reward"] - rescored["rm"]).abs().max() < 1e-9
+    assert run_files(finished) == before
+
+
 def flip_a_byte(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF

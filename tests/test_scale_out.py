@@ -86,8 +86,10 @@ def test_two_trainers_step_the_policy_as_one_process_does(one_iteration, local_r
     assert worst <= 1e-6, f"{strategy} {loss_agg}: weights differ by {worst}"
 
 
-def test_reward_workers_score_as_in_process(one_iteration, local_ray):
-    params = load_params(one_iteration / "params.yaml")
+@pytest.mark.parametrize("rewards", [[], ["reward.weights={accuracy: 1.0, format: 0.2, rm: 0.5}", "reward.models.rm={rm}"]],
+                         ids=["rules", "with-a-reward-model"])
+def test_reward_workers_score_as_in_process(one_iteration, local_ray, rewards, format_reward_model):
+    params = load_params(one_iteration / "params.yaml", [r.replace("{rm}", str(format_reward_model)) for r in rewards])
     rollouts = pd.read_parquet(Layout(one_iteration).iteration(1) / "rollouts.parquet")
     here = score_rollouts(rollouts, params.reward, params.rollout.group_size, "rollouts.parquet")
     spread = score_in_parallel(2)(rollouts, params.reward, params.rollout.group_size, "rollouts.parquet")

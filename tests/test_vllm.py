@@ -332,3 +332,27 @@ def test_a_server_that_cannot_start_is_one_line_with_its_reason(prepared, tmp_pa
         with started_server(load_params(prepared / "params.yaml"), layout):
             pass
     assert not vllm_processes(layout.root)
+
+
+def test_a_judge_behind_the_vllm_server_replies_as_the_same_model_loaded_locally(prepared, server):
+    """`reward.judges` at an OpenAI-compatible URL: greedy replies, parsed, equal to the local judge's."""
+    from model_rewards import examples
+    from stages.config import RewardConfig
+    from stages.reward import score_rollouts
+
+    reference = Layout(prepared).reference
+    VllmEngine([Server(server.url)]).connect().load_checkpoint(0, reference)  # whatever a test before left in it
+    rows = examples(16, 3)
+    completions = pd.DataFrame({"prompt_id": [f"p{n // 4}" for n in range(16)], "sample": [n % 4 for n in range(16)],
+                                "prompt": [p for p, _, _ in rows], "answer": ["0"] * 16,
+                                "completion": [c[:30] for _, c, _ in rows]})  # within the server's 64 tokens
+    judge = {"template": "{prompt}\n{completion}\n", "chat": False, "max_new_tokens": 6, "unparsed": "abstain"}
+
+    def scored(source: dict) -> pd.Series:
+        cfg = RewardConfig(weights={"judge": 1.0}, target_language="en", custom=[], timeout_seconds=120, workers=0,
+                           overlong_buffer=8, judges={"judge": {**judge, **source}})
+        return score_rollouts(completions, cfg)["judge"]
+
+    served = scored({"url": f"{server.url}/v1"})
+    assert served.notna().sum() >= 4, served.tolist()  # the tiny policy replies with numbers often enough
+    pd.testing.assert_series_equal(served, scored({"model": str(reference)}))
