@@ -47,6 +47,16 @@ def training_fingerprint(params: Params, layout: Layout) -> dict[str, str]:
     if shaping["rollout"].pop("engine") == "vllm":
         shaping["rollout"]["engine"] = "vllm"
         shaping["rollout"]["vllm"] = {key: vllm[key] for key in ("logprobs", "tis_cap")}
+    # Reward and judge models: their settings and, for a local directory, its files (a retrained
+    # model at the same path scores differently). A run without them keeps its fingerprint.
+    scorers = {}
+    for section in ("models", "judges"):
+        specs = shaping["reward"].pop(section)
+        if specs:
+            shaping["reward"][section] = specs
+        for name, spec in specs.items():
+            if spec.get("path") or spec.get("model"):
+                scorers[f"reward.{section}.{name}"] = tree_digest(Path(spec.get("path") or spec["model"]).expanduser())
     held_out = {}
     if params.eval.every:  # the iterations' records hold the held-out curve: it is their output too
         shaping["eval"] = params.eval.model_dump(mode="json", include={"every", "samples", "max_new_tokens",
@@ -57,6 +67,7 @@ def training_fingerprint(params: Params, layout: Layout) -> dict[str, str]:
         "reference": tree_digest(layout.reference),
         "train_prompts": tree_digest(layout.prompt_split("train")),
         **held_out,
+        **scorers,
     }
 
 

@@ -118,6 +118,9 @@ def load(kind: str, path: str, device: str, key: str) -> tuple[Any, Any]:
     per process: bf16 on CUDA, fp32 on CPU, in eval mode; safetensors only, no remote code."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # its "Loading weights" bar, once per scorer, is noise in a run's log
 
     where = model_path(path)
     target = _device(device)

@@ -36,6 +36,7 @@ from stages.errors import PipelineError, RewardError, one_line
 COLUMNS = ["prompt", "completion", "answer", "prompt_id", "sample"]
 OPTIONAL_COLUMNS = ["completion_length"]  # sent when the rollouts have it (rollout's do; a hand-made frame may not)
 STARTUP_SECONDS = 120  # importing math-verify and the user's reward modules, on a busy machine
+MODEL_LOAD_SECONDS = 900  # ... and loading reward or judge models (a 7B one from a slow disk)
 PR_SET_PDEATHSIG = 1
 
 
@@ -79,11 +80,13 @@ class ScoringProcess:
         self._received = b""
         # It imports math-verify and the user's modules, and loads the models, before it says it
         # is ready: that time is not a reward's, and must not count against reward.timeout_seconds.
-        started = self._line(STARTUP_SECONDS)
+        loads = json.loads(spec)
+        startup = STARTUP_SECONDS + (MODEL_LOAD_SECONDS if loads["models"] or loads["judges"] else 0)
+        started = self._line(startup)
         if started is None or not started or "ready" not in json.loads(started):
             self.stop()
             why = json.loads(started).get("error") if started else None
-            raise RewardError(why or f"the reward scoring process did not start within {STARTUP_SECONDS} s "
+            raise RewardError(why or f"the reward scoring process did not start within {startup} s "
                                      f"(exit code {self.process.returncode}); see the lines above")
 
     def _line(self, seconds: float) -> bytes | None:

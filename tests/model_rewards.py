@@ -18,7 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassifi
 from stages.config import load_params
 from stages.modeling import build_tokenizer, task_characters
 from stages.prepare import arithmetic_problems
-from stages.rewards import format_reward
+from stages.rewards import format_reward, language
 
 ROOT = Path(__file__).resolve().parents[1]
 JUDGE_TEMPLATE = "{prompt}\n{completion}\nformat="
@@ -64,13 +64,31 @@ def _config(tokenizer, **extra) -> LlamaConfig:
                        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False, **extra)
 
 
+def thai_examples(count: int, seed: int) -> list[tuple[str, str, float]]:
+    """builtin-th's (prompt, demonstration, share of the reasoning in Thai script): its
+    demonstrations reason in English (data.builtin.english_share of them) or in Thai."""
+    params = load_params(ROOT / "params.yaml")
+    problems, _ = arithmetic_problems(params.data, seed, language="th")
+    rows = problems.iloc[[n % len(problems) for n in range(count)]]
+    return [(p, d, language([p], [d], target_language="th")[0]) for p, d in zip(rows["prompt"], rows["demonstration"])]
+
+
 def build_format_reward_model(target: Path, steps: int = 300, seed: int = 0) -> Path:
     """A reward model scoring ~1 for a well-formed completion, ~0 otherwise (its logit regresses the rule)."""
+    return build_reward_model(target, examples(2048, seed), "builtin", steps, seed)
+
+
+def build_thai_reward_model(target: Path, steps: int = 300, seed: int = 0) -> Path:
+    """A reward model for builtin-th scoring ~1 for reasoning worded in Thai, ~0 for English."""
+    return build_reward_model(target, thai_examples(2048, seed), "builtin-th", steps, seed)
+
+
+def build_reward_model(target: Path, data: list[tuple[str, str, float]], source: str, steps: int, seed: int) -> Path:
+    """A LlamaForSequenceClassification (one label) regressing `data`'s (prompt, completion, score)."""
     torch.manual_seed(seed)
-    tokenizer = build_tokenizer(task_characters("builtin"))
+    tokenizer = build_tokenizer(task_characters(source))
     tokenizer.padding_side = "right"
     model = LlamaForSequenceClassification(_config(tokenizer, num_labels=1))
-    data = examples(2048, seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     rng = random.Random(seed)
     for _ in range(steps):
