@@ -69,17 +69,17 @@ def scoring_cpu() -> float:
 def train_and_evaluate(root: str, overrides: list[str]) -> dict:
     import torch
 
-    from stages.adapters import save_policy
+    from stages.model.adapters import save_policy
     from stages.advantage import advantage
-    from stages.artifacts import Layout
-    from stages.config import load_params
+    from stages.records.artifacts import Layout
+    from stages.params import load_params
     from stages.evaluate import evaluate
-    from stages.modeling import configure_threads
+    from stages.model.modeling import configure_threads
     from stages.policy import load_reference, load_train_state
     from stages.reward import reward
     from stages.rollout import rollout
     from stages.update import update
-    from stages.vllm_server import vllm_engine
+    from stages.model.vllm_server import vllm_engine
 
     params, layout = load_params(Path(root) / "params.yaml", overrides), Layout(Path(root))
     configure_threads(params)

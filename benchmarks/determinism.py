@@ -45,10 +45,10 @@ def kv_selection_cost(steps: int) -> dict:
     import torch
     from transformers.cache_utils import DynamicLayer
 
-    import stages.generation as generation
-    from stages.batching import CompletionBatch
-    from stages.config import load_params
-    from stages.modeling import build_tiny_model, build_tokenizer
+    import stages.model.generation as generation
+    from stages.model.batching import CompletionBatch
+    from stages.params import load_params
+    from stages.model.modeling import build_tiny_model, build_tokenizer
 
     torch.set_num_threads(os.cpu_count() or 1)
     shape = load_params(ROOT / "params.yaml").model.tiny
@@ -117,7 +117,7 @@ def outcome(copy: Path) -> dict:
     """The final weights' digest, the held-out accuracy, and the median iteration's seconds."""
     import pandas as pd
 
-    from stages.artifacts import file_digest
+    from stages.records.artifacts import file_digest
 
     evaluation = json.loads((copy / "metrics" / "eval.json").read_text())
     iterations = pd.read_csv(copy / "metrics" / "iterations.csv")

@@ -69,11 +69,11 @@ def main() -> None:
     import torch
 
     from memory import inputs_for
-    from stages.artifacts import Layout
-    from stages.config import load_params
-    from stages.modeling import dtype_for, load_model, load_tokenizer, resolve_device
+    from stages.records.artifacts import Layout
+    from stages.params import load_params
+    from stages.model.modeling import dtype_for, load_model, load_tokenizer, resolve_device
     from stages.update import TrainState, make_optimizer
-    from stages.vllm_server import vllm_engine
+    from stages.model.vllm_server import vllm_engine
 
     overrides = [*SHAPE, f"device={args.device}", f"grpo.iterations={args.iterations}", *args.set]
     inputs = inputs_for(args.work / f"v{args.vocabulary}-h{args.hidden}-l{args.layers}", args.vocabulary, overrides,

@@ -64,8 +64,8 @@ class StagePeaks:
 
 def inputs_for(root: Path, vocabulary: int, overrides: list[str], hidden: int = 256, layers: int = 4) -> Path:
     """Prompts and reference for a model shape in `root`, through the real prepare and reference stages."""
-    from stages.artifacts import Layout
-    from stages.config import load_params
+    from stages.records.artifacts import Layout
+    from stages.params import load_params
     from stages.prepare import prepare
     from stages.reference import reference
     from workload import gsm8k_style_prompts, model_directory
@@ -88,9 +88,9 @@ def run_point(vocabulary: int, max_new_tokens: int, micro_batch_size: int, work:
 
     import stages.update as update_module
     from stages.advantage import advantage
-    from stages.artifacts import Layout
-    from stages.config import load_params
-    from stages.modeling import configure_threads, dtype_for, load_model, load_tokenizer
+    from stages.records.artifacts import Layout
+    from stages.params import load_params
+    from stages.model.modeling import configure_threads, dtype_for, load_model, load_tokenizer
     from stages.reward import reward
     from stages.rollout import rollout
     from stages.update import TrainState, make_optimizer, update

@@ -38,9 +38,9 @@ sys.path.insert(0, str(ROOT))
 
 def direct_iterations(params_file: Path, root: Path) -> None:
     """The iterations as plain function calls: no Prefect, no MLflow, no DVC."""
-    from stages.artifacts import Layout
-    from stages.config import load_params
-    from stages.modeling import configure_threads, load_model, load_tokenizer, resolve_device
+    from stages.records.artifacts import Layout
+    from stages.params import load_params
+    from stages.model.modeling import configure_threads, load_model, load_tokenizer, resolve_device
     from stages.advantage import advantage
     from stages.reward import reward
     from stages.rollout import rollout

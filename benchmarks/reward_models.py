@@ -29,9 +29,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 from flows.cluster import ray_session, score_in_parallel  # noqa: E402
 from model_rewards import JUDGE_TEMPLATE, examples  # noqa: E402
-from stages.config import load_params  # noqa: E402
+from stages.params import load_params  # noqa: E402
 from stages.reward import score_rollouts  # noqa: E402
-from stages.scoring import scoring_process  # noqa: E402
+from stages.rewards.scoring import scoring_process  # noqa: E402
 from workload import build_tokenizer  # noqa: E402
 
 

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from flows.cluster import ray_session, score_in_parallel  # noqa: E402
-from stages.config import load_params  # noqa: E402
+from stages.params import load_params  # noqa: E402
 from stages.reward import score_rollouts  # noqa: E402
 
 SLOW = "import time\n\ndef slow(prompts, completions, **_):\n    time.sleep(0.05 * len(completions))\n" \

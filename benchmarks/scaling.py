@@ -61,9 +61,9 @@ def points(base) -> list[dict]:
 
 def untrained_inputs(work: Path, inputs: Path, shape: dict, name: str, seed: int) -> Path:
     """The default prompts with an untrained tiny model of `shape` as the reference."""
-    from stages.artifacts import Layout, value_digest
+    from stages.records.artifacts import Layout, value_digest
     from stages.config import TinyModel
-    from stages.modeling import build_tiny_model, build_tokenizer, save_model
+    from stages.model.modeling import build_tiny_model, build_tokenizer, save_model
 
     layout = Layout(work / f"untrained-{name}-{value_digest([shape, seed, str(inputs)])[:12]}")
     if (layout.reference / "config.json").is_file():
@@ -76,7 +76,7 @@ def untrained_inputs(work: Path, inputs: Path, shape: dict, name: str, seed: int
 
 def run_point(args: argparse.Namespace) -> dict:
     """One point, in this process: `args.iterations` iterations of our stages."""
-    from stages.config import load_params
+    from stages.params import load_params
 
     if args.ignore_eos:  # completions run to the budget: measure the tokens, not the model's habits
         import stages.rollout
@@ -165,7 +165,7 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(result))
         return
 
-    from stages.config import load_params
+    from stages.params import load_params
 
     print("command: python benchmarks/scaling.py", " ".join(sys.argv[1:]), flush=True)
     load_before = warn_if_busy()

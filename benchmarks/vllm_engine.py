@@ -42,8 +42,8 @@ SHAPES = {
 
 def inputs(shape: str, work: Path) -> tuple[list[str], Path]:
     """Params overrides and a project directory holding prompts and the reference, made once per shape."""
-    from stages.artifacts import Layout
-    from stages.config import load_params
+    from stages.records.artifacts import Layout
+    from stages.params import load_params
     from stages.prepare import prepare
     from stages.reference import reference
 
@@ -101,12 +101,12 @@ def generation(shape: str, engine_name: str, work: Path, repeats: int) -> dict:
     """One engine's generation of the iteration-1 prompts, `repeats` times (in this process)."""
     import torch
 
-    from stages.artifacts import Layout
-    from stages.config import load_params
-    from stages.generation import completion_logprobs, left_pad, pad_rows
-    from stages.modeling import configure_threads, load_model, load_tokenizer
+    from stages.records.artifacts import Layout
+    from stages.params import load_params
+    from stages.model.generation import completion_logprobs, left_pad, pad_rows
+    from stages.model.modeling import configure_threads, load_model, load_tokenizer
     from stages.rollout import generate_rollouts, iteration_prompts
-    from stages.vllm_server import vllm_engine
+    from stages.model.vllm_server import vllm_engine
 
     overrides, root = inputs(shape, work)
     params = load_params(ROOT / "params.yaml", [*overrides, f"rollout.engine={engine_name}"])
@@ -168,14 +168,14 @@ def iterations(shape: str, engine_name: str, work: Path, count: int) -> dict:
     import torch
 
     from stages.advantage import advantage
-    from stages.artifacts import Layout
-    from stages.config import load_params
-    from stages.modeling import configure_threads
+    from stages.records.artifacts import Layout
+    from stages.params import load_params
+    from stages.model.modeling import configure_threads
     from stages.policy import load_reference, load_train_state
     from stages.reward import reward
     from stages.rollout import rollout
     from stages.update import update
-    from stages.vllm_server import vllm_engine
+    from stages.model.vllm_server import vllm_engine
 
     overrides, prepared = inputs(shape, work)
     layout = Layout(work / f"{shape}-{engine_name}-run")

@@ -73,8 +73,8 @@ def prepare_inputs(params_file: Path, overrides: list[str], work: Path,
 
     Made ones are kept in `work`, keyed by the params that shape them, and reused.
     """
-    from stages.artifacts import Layout, value_digest
-    from stages.config import load_params
+    from stages.records.artifacts import Layout, value_digest
+    from stages.params import load_params
 
     if reference is not None or prompts is not None:
         if reference is None or prompts is None:
@@ -99,7 +99,7 @@ def prepare_inputs(params_file: Path, overrides: list[str], work: Path,
 
 
 def arm_params(args: argparse.Namespace):
-    from stages.config import load_params
+    from stages.params import load_params
 
     return load_params(args.params, [*args.set, f"seed={args.seed}", f"grpo.iterations={args.iterations}"])
 
@@ -108,7 +108,7 @@ def iteration_prompts(params, inputs: Path):
     """The prompts of iterations 1..N in the order our rollout stage draws them."""
     import pandas as pd
 
-    from stages.artifacts import Layout
+    from stages.records.artifacts import Layout
     from stages.rollout import choose_prompts
 
     train = pd.read_parquet(Layout(inputs).prompt_split("train"))
@@ -153,8 +153,8 @@ def our_iterations(params, inputs: Path, root: Path, *, ready=lambda: None, befo
 
     import stages.update as update_module
     from stages.advantage import advantage
-    from stages.artifacts import Layout
-    from stages.modeling import compile_forward, configure_threads, load_model, load_tokenizer, resolve_device
+    from stages.records.artifacts import Layout
+    from stages.model.modeling import compile_forward, configure_threads, load_model, load_tokenizer, resolve_device
     from stages.reward import reward
     from stages.rollout import rollout
     from stages.update import TrainState, make_optimizer, update
@@ -353,9 +353,9 @@ def run_trl(args: argparse.Namespace) -> dict:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from stages.artifacts import Layout
-    from stages.modeling import configure_threads, load_model, load_tokenizer, prompt_text, resolve_device
-    from stages.rewards import resolve
+    from stages.records.artifacts import Layout
+    from stages.model.modeling import configure_threads, load_model, load_tokenizer, prompt_text, resolve_device
+    from stages.rewards.rules import resolve
     from stages.update import make_optimizer
 
     params = arm_params(args)
@@ -655,7 +655,7 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(result))
         return
 
-    from stages.config import load_params
+    from stages.params import load_params
 
     params = load_params(args.params, args.set)
     print("command: python benchmarks/vs_trl.py", " ".join(sys.argv[1:]), flush=True)

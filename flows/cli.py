@@ -18,10 +18,11 @@ from typing import Any, Callable, List, Optional
 import typer
 
 from flows.signals import Interrupted, stop_at_once
-from stages.artifacts import Layout
-from stages.config import Params, load_params
+from stages.records.artifacts import Layout
+from stages.config import Params
+from stages.params import load_params
 from stages.errors import ConfigError, PipelineError, ServiceError, StoppedError
-from stages.runlock import exclusive_run
+from stages.records.runlock import exclusive_run
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
 
@@ -233,7 +234,7 @@ def vllm_server_command(params: Path = ParamsOption, set_: Optional[List[str]] =
                         ) -> None:
     """Run a vLLM server for rollout.vllm.urls in the foreground, serving models/reference (Ctrl-C stops it)."""
     def step(base: Params, layout: Layout) -> Any:
-        from stages.vllm_server import server_command, server_environment, vllm_python
+        from stages.model.vllm_server import server_command, server_environment, vllm_python
 
         command = server_command(vllm_python(base, layout), layout.reference, port, base, parent=0, host=host)
         typer.echo(f"serving {layout.reference} at http://{host}:{port}: set rollout.vllm.urls: "

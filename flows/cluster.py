@@ -41,14 +41,14 @@ import ray
 import torch
 from ray.exceptions import RayActorError, RayError, RayTaskError
 
-from stages.adapters import save_policy
-from stages.artifacts import Layout
-from stages.manifest import checkpoint_path
+from stages.model.adapters import save_policy
+from stages.records.artifacts import Layout
+from stages.records.manifest import checkpoint_path
 from stages.config import DistributedConfig, Params, RewardConfig
-from stages.distributed import Rank, full_state_dict, join_group, uses_ray
+from stages.model.distributed import Rank, full_state_dict, join_group, uses_ray
 from stages.errors import PipelineError, WorkerError, one_line
 from stages.evaluate import curve_point
-from stages.modeling import compile_forward, load_tokenizer, resolve_device
+from stages.model.modeling import compile_forward, load_tokenizer, resolve_device
 from stages.policy import load_policy, load_reference, load_train_state
 from stages.reward import score_rollouts
 from stages.rollout import (generate_share, iteration_prompts, sample_iteration, sampling_checkpoint, worker_shares,

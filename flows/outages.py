@@ -27,7 +27,7 @@ from typing import Any
 
 import httpx
 
-from stages.artifacts import Layout, read_json, write_json
+from stages.records.artifacts import Layout, read_json, write_json
 from stages.errors import ServiceError
 
 PENDING_FILE = "prefect.json"  # under runs/: a flow run's end that the API did not receive

@@ -23,7 +23,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from flows.paths import project_root
-from stages.config import load_params
+from stages.params import load_params
 
 Scalar = Union[str, int, float, bool]
 _FAILED_STAGE = re.compile(r"failed to reproduce '([^']+)'")

@@ -33,11 +33,11 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from flows.paths import project_root
-from stages.artifacts import Layout, read_json, write_json
+from stages.records.artifacts import Layout, read_json, write_json
 from stages.config import Params, flatten
 from stages.errors import DiskFullError, ServiceError
-from stages.manifest import completed_iterations
-from stages.report import metric_rows
+from stages.records.manifest import completed_iterations
+from stages.records.report import metric_rows
 
 EXPERIMENT = os.environ.get("GRPO_MLFLOW_EXPERIMENT", "grpo")
 TRACKING_FILE = "tracking.json"  # under runs/: which MLflow run this is, and what it should hold

@@ -39,23 +39,23 @@ from flows.outages import api_url, leave_without_api, record_unreported_end, rep
 from flows.signals import Interrupted, StopAtBoundary
 from flows.tracking import Tracker, services_wait_seconds
 from stages.advantage import advantage
-from stages.artifacts import Layout
-from stages.adapters import save_policy
-from stages.checkpoints import prune
+from stages.records.artifacts import Layout
+from stages.model.adapters import save_policy
+from stages.model.checkpoints import prune
 from stages.config import Params
 from stages.errors import PipelineError, StoppedError
 from stages.evaluate import curve_point
-from stages.manifest import (completed_iterations, discard_after, read_manifest, recover_set_aside, redoing,
+from stages.records.manifest import (completed_iterations, discard_after, read_manifest, recover_set_aside, redoing,
                              resume_point, training_fingerprint, write_manifest)
-from stages.modeling import compile_forward, configure_threads
-from stages.distributed import needs_ray, uses_ray
+from stages.model.modeling import compile_forward, configure_threads
+from stages.model.distributed import needs_ray, uses_ray
 from stages.policy import load_reference, load_train_state
-from stages.report import metric_rows, write_training_metrics
+from stages.records.report import metric_rows, write_training_metrics
 from stages.reward import check_model_inputs, reward
 from stages.rollout import rollout
 from stages.update import TrainState, update
-from stages.vllm_engine import VllmEngine
-from stages.vllm_server import vllm_engine
+from stages.model.vllm_engine import VllmEngine
+from stages.model.vllm_server import vllm_engine
 
 
 def transient(task: Any, task_run: Any, state: Any) -> bool:

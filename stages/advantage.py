@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from stages.artifacts import Layout, write_parquet
+from stages.records.artifacts import Layout, write_parquet
 from stages.config import GRPOConfig
 from stages.errors import GroupError
 from stages.objective import group_advantages, zero_std_groups

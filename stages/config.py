@@ -1,21 +1,28 @@
 """The run's configuration: `params.yaml` validated into typed, frozen models.
 
 `params.yaml` is the single source of defaults; these models only say what a valid value
-is. Unknown keys are errors, so a typo never silently falls back to a default.
+is. Unknown keys are errors, so a typo never silently falls back to a default. Reading the
+file (overrides, and the rewards it names resolved) is `stages.params`.
 """
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from stages.errors import ConfigError, one_line
-from stages.languages import SCRIPTS
+from stages.errors import ConfigError
+
+# The Unicode script (the first word of a character's name) each target language is written in:
+# `reward.target_language`'s values, and what the `language` reward counts.
+SCRIPTS = {
+    "en": {"LATIN"}, "fr": {"LATIN"}, "de": {"LATIN"}, "es": {"LATIN"}, "it": {"LATIN"},
+    "pt": {"LATIN"}, "id": {"LATIN"}, "vi": {"LATIN"}, "tr": {"LATIN"},
+    "th": {"THAI"}, "zh": {"CJK"}, "ja": {"CJK", "HIRAGANA", "KATAKANA"}, "ko": {"HANGUL"},
+    "ru": {"CYRILLIC"}, "uk": {"CYRILLIC"}, "ar": {"ARABIC"}, "fa": {"ARABIC"},
+    "hi": {"DEVANAGARI"}, "el": {"GREEK"}, "he": {"HEBREW"},
+}
 
 # `data.source` values naming a built-in task, and the language each asks its prompts in.
 BUILTIN_SOURCES = {"builtin": "en", "builtin-th": "th"}
@@ -89,7 +96,7 @@ class SFTConfig(Section):
 class DynamicSampling(Section):
     # zero_std: set aside groups whose completions' total rewards are all exactly equal and draw
     # more prompts, in seeded rounds, until the iteration holds prompts_per_iteration groups with
-    # a signal or max_rounds rounds are spent (stages/dynamic_sampling.py). none: one draw.
+    # a signal or max_rounds rounds are spent (stages/rewards/dynamic_sampling.py). none: one draw.
     filter: Literal["none", "zero_std"]
     max_rounds: int = Field(ge=1)
 
@@ -387,38 +394,6 @@ class Params(Section):
         return self
 
 
-def _describe(error: ValidationError) -> str:
-    first = error.errors()[0]
-    key = ".".join(str(part) for part in first["loc"])
-    message = first["msg"]
-    if first["type"] == "extra_forbidden":
-        message = "unknown key"
-    elif first["type"] == "missing":
-        message = "missing key"
-    elif first["type"] == "value_error":  # our own validators: their message, without pydantic's prefix
-        message = str(first["ctx"]["error"])
-    return f"{key}: {message}" if key else message
-
-
-def parse_params(raw: dict[str, Any]) -> Params:
-    """Validate every key, and that every reward named in `reward` resolves, before any stage runs.
-
-    Checking the rewards here (importing the user's dotted paths) means a typo there stops
-    `prepare` or `train` before it writes or discards anything, not mid-iteration.
-    """
-    try:
-        params = Params.model_validate(raw)
-    except ValidationError as error:
-        raise ConfigError(f"params: {_describe(error)}") from None
-    from stages.rewards import resolve  # late: it imports math-verify and the user's reward modules
-
-    try:
-        resolve(params.reward.weights, params.reward.custom, params.reward.models, params.reward.judges)
-    except ConfigError as error:
-        raise ConfigError(f"params: {error}") from None
-    return params
-
-
 def set_key(raw: dict[str, Any], dotted_key: str, value: Any) -> None:
     """Apply one `a.b.c=value` override, as `dvc exp run -S` does; unknown keys fail later."""
     *parents, leaf = dotted_key.split(".")
@@ -429,42 +404,6 @@ def set_key(raw: dict[str, Any], dotted_key: str, value: Any) -> None:
             raise ConfigError(f"params: {dotted_key}: {part} is not a section")
         node = child
     node[leaf] = value
-
-
-def load_params(path: str | Path = "params.yaml", overrides: list[str] = ()) -> Params:
-    """Read `path`, apply `key=value` overrides (values parsed as YAML), validate."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"params: file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as error:
-        why = getattr(error, "strerror", None) or error
-        raise ConfigError(f"params: cannot read {path}: {one_line(why)}") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"params: {path} is not valid YAML: {_yaml_problem(error)}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"params: {path} must hold a mapping of keys, not a {type(raw).__name__}")
-    for override in overrides:
-        key, sep, value = override.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"params: override {override!r} is not key=value")
-        try:
-            parsed = yaml.safe_load(value)
-        except yaml.YAMLError as error:
-            raise ConfigError(f"params: {key.strip()}: override value {value!r} is not valid YAML: "
-                              f"{_yaml_problem(error, with_line=False)}") from None
-        set_key(raw, key.strip(), parsed)
-    return parse_params(raw)
-
-
-def _yaml_problem(error: yaml.YAMLError, with_line: bool = True) -> str:
-    """`line 3 column 5: mapping values are not allowed here`: where, then what."""
-    mark, problem = getattr(error, "problem_mark", None), getattr(error, "problem", None)
-    if mark is None or problem is None:
-        return one_line(error)
-    where = f"line {mark.line + 1} column {mark.column + 1}: " if with_line else ""
-    return where + one_line(problem)
 
 
 def flatten(params: Params) -> dict[str, Any]:

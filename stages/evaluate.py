@@ -14,18 +14,18 @@ import pandas as pd
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from stages.artifacts import Layout, write_json
+from stages.records.artifacts import Layout, write_json
 from stages.config import Params
-from stages.generation import sample
-from stages.modeling import (autocast, check_context, check_model_dir, compute_dtype, configure_threads,
+from stages.model.generation import sample
+from stages.model.modeling import (autocast, check_context, check_model_dir, compute_dtype, configure_threads,
                              context_limit, dtype_for, encode_prompts,
                              eos_token_ids, load_pretrained, resolve_device)
-from stages.memory import memory_named
+from stages.model.memory import memory_named
 from stages.prepare import read_prompt_split
 from stages.reward import reward_metrics, score_rollouts
 from stages.rollout import iteration_seed  # streams 0-3: prompts, sampling, minibatches, dropout
-from stages.languages import SCRIPTS
-from stages.rewards import accuracy, extract_reasoning, format_reward, script_share
+from stages.config import SCRIPTS
+from stages.rewards.rules import accuracy, extract_reasoning, format_reward, script_share
 
 
 def greedy_completions(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],

@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
-from stages.adapters import add_adapters, load_adapters
-from stages.artifacts import Layout
-from stages.checkpoints import read_optimizer_state
+from stages.model.adapters import add_adapters, load_adapters
+from stages.records.artifacts import Layout
+from stages.model.checkpoints import read_optimizer_state
 from stages.config import Params
-from stages.distributed import Rank, distribute, load_full_optimizer_state
-from stages.manifest import checkpoint_path
-from stages.modeling import (compute_dtype, dtype_for, enable_gradient_checkpointing, load_model, load_tokenizer,
+from stages.model.distributed import Rank, distribute, load_full_optimizer_state
+from stages.records.manifest import checkpoint_path
+from stages.model.modeling import (compute_dtype, dtype_for, enable_gradient_checkpointing, load_model, load_tokenizer,
                              resolve_device)
 from stages.update import TrainState, make_optimizer
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stages.artifacts import Layout, write_parquet
+from stages.records.artifacts import Layout, write_parquet
 from stages.config import BUILTIN_SOURCES, DataConfig, Params
 from stages.errors import DataError, one_line
 
@@ -246,7 +246,7 @@ def check_prompts_fit(problems: pd.DataFrame, labels: list[str], params: Params,
     """Every prompt, with the longest completion budget, fits the context of the model it is for."""
     # Late: torch and transformers take seconds to import, and most bad files are refused without them.
     from stages.errors import ModelError
-    from stages.modeling import check_context, encode_prompts, planned_tokenizer
+    from stages.model.modeling import check_context, encode_prompts, planned_tokenizer
 
     try:
         tokenizer, limit = planned_tokenizer(params.model, root, params.data.source)

@@ -17,11 +17,11 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
-from stages.artifacts import Layout
-from stages.batching import CompletionBatch
+from stages.records.artifacts import Layout
+from stages.model.batching import CompletionBatch
 from stages.config import Params, SFTConfig
-from stages.generation import completion_logprobs
-from stages.modeling import (build_tiny_model, build_tokenizer, check_context, configure_threads, context_limit,
+from stages.model.generation import completion_logprobs
+from stages.model.modeling import (build_tiny_model, build_tokenizer, check_context, configure_threads, context_limit,
                              encode_prompts, load_pretrained, model_source, resolve_device, save_model,
                              task_characters)
 from stages.prepare import read_prompt_split

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from stages.artifacts import Layout, read_json, tree_digest
+from stages.records.artifacts import Layout, read_json, tree_digest
 from stages.config import Params
 from stages.errors import ReplayError
-from stages.manifest import checkpoint_path, recorded_iteration
-from stages.modeling import configure_threads
+from stages.records.manifest import checkpoint_path, recorded_iteration
+from stages.model.modeling import configure_threads
 from stages.policy import load_reference, load_train_state
 from stages.update import update_steps
 

@@ -21,9 +21,9 @@ import numpy as np
 import pandas as pd
 
 from stages.advantage import compute_advantages
-from stages.artifacts import Layout, write_json, write_parquet
+from stages.records.artifacts import Layout, write_json, write_parquet
 from stages.config import Params
-from stages.manifest import recorded_iteration
+from stages.records.manifest import recorded_iteration
 from stages.reward import score_rollouts
 
 COLUMNS = ["prompt_id", "sample", "prompt", "answer", "completion", "completion_length"]

@@ -5,19 +5,18 @@ One column per component (NaN where a function abstained) and `reward`, their we
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
 
-from stages.artifacts import Layout, write_parquet
+from stages.records.artifacts import Layout, write_parquet
 from stages.config import RewardConfig
-from stages.errors import RewardError, one_line
-from stages.rewards import RewardFn, resolve
-from stages.scoring import scoring_process
-from stages.groups import check_groups
+from stages.errors import RewardError
+from stages.rewards.rules import resolve
+from stages.rewards.scoring import scoring_process
+from stages.records.groups import check_groups
 
 
 def run_settings(cfg: RewardConfig, max_new_tokens: int | None) -> dict[str, Any]:
@@ -26,81 +25,11 @@ def run_settings(cfg: RewardConfig, max_new_tokens: int | None) -> dict[str, Any
             "overlong_buffer": cfg.overlong_buffer}
 
 
-def _call(fn: RewardFn, rollouts: pd.DataFrame, settings: dict[str, Any]) -> Any:
-    columns = {
-        "answer": rollouts["answer"].tolist(),
-        "prompt_id": rollouts["prompt_id"].tolist(),
-        "sample": rollouts["sample"].tolist(),
-        # Tokens, eos included; None for a frame without it (one made by hand, not by rollout).
-        "completion_length": rollouts["completion_length"].tolist() if "completion_length" in rollouts else None,
-        **settings,
-    }
-    return fn(rollouts["prompt"].tolist(), rollouts["completion"].tolist(), **columns)
-
-
-def _culprit(rollouts: pd.DataFrame, row: int) -> str:
-    """How a user finds the completion again in rollouts.parquet."""
-    culprit = rollouts.iloc[row]
-    return f"prompt_id={culprit['prompt_id']!r} sample={culprit['sample']}"
-
-
-def _failure(name: str, fn: RewardFn, rollouts: pd.DataFrame, settings: dict[str, Any],
-             error: Exception) -> RewardError:
-    """The error for a reward that raised: on the first completion it raises on alone, if any."""
-    for row in range(len(rollouts)):
-        try:
-            _call(fn, rollouts.iloc[row:row + 1], settings)
-        except Exception as alone:
-            return RewardError(f"reward {name!r} raised on {_culprit(rollouts, row)}: "
-                               f"{type(alone).__name__}: {one_line(alone)}")
-    return RewardError(f"reward {name!r} raised on the batch of {len(rollouts)} completions (on none alone): "
-                       f"{type(error).__name__}: {one_line(error)}")
-
-
-def _as_list(name: str, result: Any, expected: int) -> list:
-    """A reward's result as one entry per completion, or an error saying what came back instead."""
-    shape = getattr(result, "shape", None)
-    if shape is not None and len(shape) != 1:
-        raise RewardError(f"reward {name!r} returned an array of shape {tuple(shape)}, expected ({expected},): "
-                          f"one score per completion")
-    if result is None or isinstance(result, (str, bytes, dict)) or not hasattr(result, "__iter__"):
-        raise RewardError(f"reward {name!r} returned {type(result).__name__} {one_line(repr(result), 60)}, "
-                          f"expected a list of {expected} scores, one per completion")
-    scores = list(result)
-    if len(scores) != expected:
-        raise RewardError(f"reward {name!r} returned {len(scores)} scores for {expected} completions")
-    return scores
-
-
-def score_component(name: str, fn: RewardFn, rollouts: pd.DataFrame, settings: dict[str, Any]) -> np.ndarray:
-    """Exactly one finite float per completion (NaN = abstained, from `None`), or an error naming the culprit.
-    `settings` (`run_settings`) are passed to `fn` as keyword columns."""
-    try:
-        result = _call(fn, rollouts, settings)
-    except Exception as error:  # the user's code: find the completion it fails on, to reproduce it
-        raise _failure(name, fn, rollouts, settings, error) from None
-    values = np.full(len(rollouts), np.nan)
-    for row, score in enumerate(_as_list(name, result, len(rollouts))):
-        if score is None:  # an explicit abstention
-            continue
-        try:
-            value = math.nan if isinstance(score, (str, bytes)) else float(score)
-        except (TypeError, ValueError):
-            value = math.nan
-        if not math.isfinite(value):
-            raise RewardError(
-                f"reward {name!r} returned {one_line(repr(score), 60)} for {_culprit(rollouts, row)}: "
-                f"expected a finite number or None (abstain)"
-            )
-        values[row] = value
-    return values
-
-
 def score_rollouts(rollouts: pd.DataFrame, cfg: RewardConfig, group_size: int | None = None,
                    where: str = "", max_new_tokens: int | None = None) -> pd.DataFrame:
     """Check the groups, then score: one column per component and `reward`, their weighted sum.
 
-    Each component is scored in the scoring process (`stages.scoring`), within
+    Each component is scored in the scoring process (`stages.rewards.scoring`), within
     `reward.timeout_seconds`. `where` (the rollouts file) starts a group error's message.
     `max_new_tokens` (rollout.max_new_tokens) is what `overlong` measures lengths against.
     """
@@ -130,9 +59,9 @@ def reward_metrics(rewards: pd.DataFrame, components: list[str], groups: bool = 
 
 def check_model_inputs(cfg: RewardConfig, layout: Layout, max_new_tokens: int) -> None:
     """Before any rollout: every judge server answers, and every reward or judge model's context holds
-    the longest training prompt with max_new_tokens of completion (`stages.reward_models`)."""
+    the longest training prompt with max_new_tokens of completion (`stages.rewards.models`)."""
     if cfg.models or cfg.judges:
-        from stages.reward_models import check_prompts_fit
+        from stages.rewards.models import check_prompts_fit
 
         prompts = pd.read_parquet(layout.prompt_split("train"), columns=["prompt", "answer"])
         check_prompts_fit(cfg.models, cfg.judges, prompts["prompt"].tolist(), prompts["answer"].tolist(),

@@ -14,18 +14,18 @@ import pandas as pd
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from stages.artifacts import Layout, write_parquet
+from stages.records.artifacts import Layout, write_parquet
 from stages.config import Params
-from stages.dynamic_sampling import sample_with_signal
+from stages.rewards.dynamic_sampling import sample_with_signal
 from stages.errors import DataError, RolloutError
-from stages.generation import sample
-from stages.groups import check_groups
-from stages.manifest import checkpoint_path
-from stages.memory import memory_named
-from stages.modeling import autocast, check_context, context_limit, encode_prompts, eos_token_ids
+from stages.model.generation import sample
+from stages.records.groups import check_groups
+from stages.records.manifest import checkpoint_path
+from stages.model.memory import memory_named
+from stages.model.modeling import autocast, check_context, context_limit, encode_prompts, eos_token_ids
 from stages.prepare import read_prompt_split
 from stages.reward import Scorer, score_rollouts
-from stages.vllm_engine import VllmEngine, request_seed
+from stages.model.vllm_engine import VllmEngine, request_seed
 
 
 def iteration_seed(seed: int, iteration: int, stream: int) -> int:
@@ -176,7 +176,7 @@ def sample_iteration(params: Params, layout: Layout, iteration: int,
                      score: Scorer = score_rollouts) -> tuple[pd.DataFrame, dict[str, float]]:
     """The iteration's rollouts from `generate(prompts, round)` (this process's loop or vLLM, or the
     rollout workers, each whole groups): its one draw, or with `rollout.dynamic_sampling` rounds of
-    draws until enough groups carry a learning signal (`stages.dynamic_sampling`), each round
+    draws until enough groups carry a learning signal (`stages.rewards.dynamic_sampling`), each round
     scored here by `score`, as the reward stage scores. The draws depend on the seed, the
     iteration and the round, never on who generates or when."""
     if params.rollout.dynamic_sampling.filter == "none":

@@ -18,17 +18,17 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from stages.adapters import as_reference
-from stages.artifacts import Layout, write_json
-from stages.batching import CompletionBatch, pad_to
-from stages.checkpoints import save_checkpoint
+from stages.model.adapters import as_reference
+from stages.records.artifacts import Layout, write_json
+from stages.model.batching import CompletionBatch, pad_to
+from stages.model.checkpoints import save_checkpoint
 from stages.config import Params
-from stages.distributed import (LogprobReader, Rank, accumulating, all_sum, all_sum_tensor, full_optimizer_state,
+from stages.model.distributed import (LogprobReader, Rank, accumulating, all_sum, all_sum_tensor, full_optimizer_state,
                                 full_state_dict, is_sharded, plain)
 from stages.errors import GroupError, NumericsError
-from stages.generation import shared_prompt_logprobs
-from stages.memory import memory_named
-from stages.modeling import autocast
+from stages.model.generation import shared_prompt_logprobs
+from stages.model.memory import memory_named
+from stages.model.modeling import autocast
 from stages.objective import drop_truncated, grpo_loss, logprob_gap, loss_normaliser, truncated_is_weights
 from stages.rollout import iteration_seed
 
@@ -37,7 +37,7 @@ from stages.rollout import iteration_seed
 class TrainState:
     """What the update mutates, held in memory across iterations.
 
-    In a trainer group (`stages.distributed`) `reader` is the policy's read-out wrapped by DDP
+    In a trainer group (`stages.model.distributed`) `reader` is the policy's read-out wrapped by DDP
     or FSDP2 and `rank` says which share of each minibatch is this process's.
     """
 

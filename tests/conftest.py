@@ -85,8 +85,9 @@ def prepare_tiny_project(root: Path, iterations: int, overrides: list[str] = ())
     """params.yaml (tiny, `iterations` GRPO iterations), prompts and reference model: what `train` starts from."""
     import yaml
 
-    from stages.artifacts import Layout
-    from stages.config import load_params, set_key
+    from stages.records.artifacts import Layout
+    from stages.params import load_params
+    from stages.config import set_key
     from stages.prepare import prepare
     from stages.reference import reference
 
@@ -140,7 +141,7 @@ def outcome(root: Path) -> dict:
     """What a run leaves behind: final weights and the per-iteration metrics."""
     import pandas as pd
 
-    from stages.artifacts import Layout, file_digest
+    from stages.records.artifacts import Layout, file_digest
 
     layout = Layout(root)
     return {"policy": file_digest(layout.policy / "model.safetensors"),
@@ -174,7 +175,7 @@ def tiny_overrides() -> list[str]:
 
 @pytest.fixture
 def tiny_params(tiny_overrides):
-    from stages.config import load_params
+    from stages.params import load_params
     return load_params(ROOT / "params.yaml", tiny_overrides)
 
 

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import flows.train  # noqa: E402
 import stages.rollout  # noqa: E402
 import stages.update  # noqa: E402
-import stages.vllm_engine  # noqa: E402
+import stages.model.vllm_engine  # noqa: E402
 from flows.cli import main  # noqa: E402
 
 
@@ -63,19 +63,19 @@ def arm(point: str, iteration: int) -> None:
     elif point == "checkpoint":
         wrap(flows.train, "write_manifest", before=lambda layout, i, *_: i == iteration and die())
     elif point == "reload":
-        def post(client, url, *args, original=stages.vllm_engine.httpx.Client.post, **kwargs):
+        def post(client, url, *args, original=stages.model.vllm_engine.httpx.Client.post, **kwargs):
             response = original(client, url, *args, **kwargs)
             body = kwargs.get("json") or {}
             if url.endswith("/collective_rpc") and body.get("kwargs", {}).get("path", "").endswith(f"{iteration - 1:04d}"):
                 die()
             return response
-        stages.vllm_engine.httpx.Client.post = post
+        stages.model.vllm_engine.httpx.Client.post = post
     elif point == "server":
         def kill_server(engine, prompt_ids, seeds, *args, where="", **kwargs):
             if where.endswith(f"iteration {iteration}"):
                 for server in engine.servers:
                     os.killpg(server.pid, signal.SIGKILL)
-        wrap(stages.vllm_engine.VllmEngine, "sample", before=kill_server)
+        wrap(stages.model.vllm_engine.VllmEngine, "sample", before=kill_server)
     elif point == "fsize":
         def limit(model, tokenizer, optimizer, target, *_):
             if target.name == f"{iteration:04d}":

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-from stages.config import load_params
-from stages.modeling import build_tokenizer, task_characters
+from stages.params import load_params
+from stages.model.modeling import build_tokenizer, task_characters
 from stages.prepare import arithmetic_problems
-from stages.rewards import format_reward, language
+from stages.rewards.rules import format_reward, language
 
 ROOT = Path(__file__).resolve().parents[1]
 JUDGE_TEMPLATE = "{prompt}\n{completion}\nformat="

@@ -37,15 +37,16 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from stages.advantage import advantage
-from stages.artifacts import Layout
-from stages.config import load_params, set_key
+from stages.records.artifacts import Layout
+from stages.params import load_params
+from stages.config import set_key
 from stages.errors import DataError, GroupError, PipelineError, RewardError, RolloutError
 from stages.evaluate import evaluate
-from stages.manifest import read_manifest, training_fingerprint, write_manifest
-from stages.modeling import load_model, load_tokenizer, save_model
+from stages.records.manifest import read_manifest, training_fingerprint, write_manifest
+from stages.model.modeling import load_model, load_tokenizer, save_model
 from stages.prepare import prepare
 from stages.reference import reference
-from stages.report import write_training_metrics
+from stages.records.report import write_training_metrics
 from stages import rollout as rollout_stage
 from stages.reward import reward
 from stages.update import TrainState, make_optimizer, update
@@ -146,7 +147,7 @@ def snapshot(root: Path) -> dict[str, str]:
     """Every path under `root` → its content digest ("dir" for a directory, the target for a link).
 
     Except runs/.lock: every command that may write takes the project's run lock, and the lock
-    file names its latest holder (stages/runlock.py); it is not an artefact.
+    file names its latest holder (stages/records/runlock.py); it is not an artefact.
     """
     state = {}
     for folder, dirs, files in os.walk(root):  # never follows a symlinked directory
@@ -376,8 +377,8 @@ CASES = {
     "reward-without-weight": Case(APP, ["params: reward.custom: 'fails_on_sample_2' has no weight in reward.weights"],
                                   overrides=custom("my_rewards:fails_on_sample_2", weight=False)),
     "reward-named-like-a-builtin": Case(
-        APP, ["params: reward.custom: 'stages.rewards:accuracy' is named 'accuracy', like another reward"],
-        overrides=custom("stages.rewards:accuracy", weight=False)),
+        APP, ["params: reward.custom: 'stages.rewards.rules:accuracy' is named 'accuracy', like another reward"],
+        overrides=custom("stages.rewards.rules:accuracy", weight=False)),
     # --- the data file (data.source): the error names it, then the row or column
     "data-missing": Case(PROCESS, ["data.source: file not found: ", "/user/nope.jsonl"],
                          overrides=source("nope.jsonl")),

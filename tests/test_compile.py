@@ -10,8 +10,8 @@ from torch._dynamo.utils import counters
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from stages.errors import ModelError
-from stages.generation import sample
-from stages.modeling import compile_forward, encode_prompts
+from stages.model.generation import sample
+from stages.model.modeling import compile_forward, encode_prompts
 from stages.update import TrainState, update
 
 from conftest import ROOT

@@ -2,7 +2,8 @@
 
 import pytest
 
-from stages.config import flatten, load_params
+from stages.config import flatten
+from stages.params import load_params
 from stages.errors import ConfigError
 
 from conftest import ROOT
@@ -23,10 +24,10 @@ def test_the_project_params_load_and_spell_the_documented_keys():
 
 
 def test_overrides_are_parsed_as_yaml_values():
-    params = load_params(PARAMS, ["grpo.beta=0", "reward.custom=[stages.rewards:script_share]",
+    params = load_params(PARAMS, ["grpo.beta=0", "reward.custom=[stages.rewards.rules:script_share]",
                                   "reward.weights.script_share=0.5", "model.path=/x"])
     assert params.grpo.beta == 0.0
-    assert params.reward.custom == ["stages.rewards:script_share"]
+    assert params.reward.custom == ["stages.rewards.rules:script_share"]
     assert params.reward.weights["script_share"] == 0.5
     assert params.model.path == "/x"
 
@@ -116,8 +117,8 @@ def test_the_vllm_engine_refuses_the_process_layouts_it_does_not_serve():
 
 
 def test_where_the_vllm_servers_run_is_not_part_of_what_an_iteration_computes(tmp_path):
-    from stages.artifacts import Layout
-    from stages.manifest import training_fingerprint
+    from stages.records.artifacts import Layout
+    from stages.records.manifest import training_fingerprint
 
     layout = Layout(tmp_path)
     layout.reference.mkdir(parents=True)

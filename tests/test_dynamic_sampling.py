@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 
 from conftest import ROOT, outcome, prepare_tiny_project, train
-from stages.artifacts import Layout, file_digest
-from stages.config import load_params
-from stages.dynamic_sampling import groups_with_signal, sample_with_signal
+from stages.records.artifacts import Layout, file_digest
+from stages.params import load_params
+from stages.rewards.dynamic_sampling import groups_with_signal, sample_with_signal
 from stages.rollout import prompt_rows
 
 ZERO_STD = ["rollout.dynamic_sampling.filter=zero_std", "rollout.dynamic_sampling.max_rounds=3"]

@@ -24,7 +24,7 @@ import pytest
 
 from conftest import ROOT, clean_env, outcome, prepare_tiny_project, start_prefect_server, stop
 from flows.server import free_port
-from stages.artifacts import Layout, tree_digest
+from stages.records.artifacts import Layout, tree_digest
 
 ITERATIONS = 6
 HERE = Path(__file__).resolve().parent

@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from stages.batching import CompletionBatch
-from stages.generation import completion_logprobs, sample, shared_prompt_logprobs, top_p_filter
-from stages.modeling import build_tiny_model, build_tokenizer, encode_prompts, prompt_text
+from stages.model.batching import CompletionBatch
+from stages.model.generation import completion_logprobs, sample, shared_prompt_logprobs, top_p_filter
+from stages.model.modeling import build_tiny_model, build_tokenizer, encode_prompts, prompt_text
 
 PROMPTS = ["What is 12 + 34?", "What is 99 - 10?", "Hi"]
 
@@ -138,7 +138,7 @@ def test_a_shared_prompt_step_is_bit_identical_at_two_threads_at_the_default_wid
     big enough for torch to split kernels over threads (its grain is 32,768 elements; each
     layer's selected keys here hold ~57,000). Selecting each row's prompt KV by indexing made 10
     of 30 identical steps round differently at two threads; it must be 30 of 30 the same."""
-    from stages.config import load_params
+    from stages.params import load_params
     from conftest import ROOT
 
     shape = load_params(ROOT / "params.yaml").model.tiny

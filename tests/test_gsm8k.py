@@ -10,10 +10,10 @@ import pytest
 from transformers import AutoTokenizer
 
 from conftest import ROOT
-from stages.artifacts import Layout
-from stages.config import load_params
+from stages.records.artifacts import Layout
+from stages.params import load_params
 from stages.errors import DataError
-from stages.modeling import encode_prompts
+from stages.model.modeling import encode_prompts
 from stages.prepare import prepare
 
 sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -7,10 +7,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
-import stages.logprobs as logprobs
-from stages.batching import CompletionBatch
-from stages.generation import completion_logprobs, shared_prompt_logprobs
-from stages.logprobs import head_logprobs, readout
+import stages.model.logprobs as logprobs
+from stages.model.batching import CompletionBatch
+from stages.model.generation import completion_logprobs, shared_prompt_logprobs
+from stages.model.logprobs import head_logprobs, readout
 
 
 def full_logprobs(hidden, head, targets, temperature):

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import ROOT, outcome, prepare_tiny_project
-from stages.artifacts import Layout
+from stages.records.artifacts import Layout
 from test_resume import train, workspace
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -68,9 +68,9 @@ def test_only_the_adapted_weights_move_and_checkpoints_hold_adapters(uninterrupt
 
 
 def test_the_reference_is_the_base_model_with_the_adapters_disabled(uninterrupted):
-    from stages.adapters import as_reference, load_adapters
-    from stages.batching import CompletionBatch
-    from stages.generation import shared_prompt_logprobs
+    from stages.model.adapters import as_reference, load_adapters
+    from stages.model.batching import CompletionBatch
+    from stages.model.generation import shared_prompt_logprobs
 
     layout = Layout(uninterrupted)
     base = AutoModelForCausalLM.from_pretrained(layout.reference).eval()

@@ -15,8 +15,9 @@ import pytest
 
 from conftest import ROOT, prepare_tiny_project, train
 from model_rewards import JUDGE_TEMPLATE, examples
-from stages.artifacts import Layout
-from stages.config import RewardConfig, load_params
+from stages.records.artifacts import Layout
+from stages.config import RewardConfig
+from stages.params import load_params
 from stages.errors import ConfigError, RewardError
 from stages.reward import check_model_inputs, score_rollouts
 from flows.server import free_port

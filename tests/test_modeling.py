@@ -8,9 +8,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from stages.artifacts import Layout
+from stages.records.artifacts import Layout
 from stages.errors import ModelError
-from stages.modeling import build_tokenizer, check_model_dir, load_pretrained
+from stages.model.modeling import build_tokenizer, check_model_dir, load_pretrained
 from stages.prepare import prepare
 from stages.reference import reference
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from stages.advantage import advantage
-from stages.artifacts import Layout, tree_digest, write_parquet
+from stages.records.artifacts import Layout, tree_digest, write_parquet
 from stages.errors import NumericsError
-from stages.modeling import load_model, load_tokenizer
+from stages.model.modeling import load_model, load_tokenizer
 from stages.prepare import prepare
 from stages.reference import reference
 from stages.reward import reward

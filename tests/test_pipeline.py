@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from flows.cli import pipeline, train_step
-from stages.artifacts import Layout, tree_digest
-from stages.batching import CompletionBatch, pad_to
-from stages.config import load_params
-from stages.generation import completion_logprobs
-from stages.modeling import load_pretrained
+from stages.records.artifacts import Layout, tree_digest
+from stages.model.batching import CompletionBatch, pad_to
+from stages.params import load_params
+from stages.model.generation import completion_logprobs
+from stages.model.modeling import load_pretrained
 from stages.objective import group_advantages, grpo_loss
 
 from conftest import ROOT, TINY, without_timings

@@ -5,10 +5,10 @@ import copy
 import pytest
 import torch
 
-import stages.modeling as modeling
+import stages.model.modeling as modeling
 from stages.errors import ModelError
-from stages.generation import shared_prompt_logprobs
-from stages.modeling import autocast, compute_dtype
+from stages.model.generation import shared_prompt_logprobs
+from stages.model.modeling import autocast, compute_dtype
 from stages.update import TrainState, load_update_batch, update
 
 from test_update import LR, iteration_files, params_for  # noqa: F401 (a fixture)

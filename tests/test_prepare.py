@@ -6,10 +6,10 @@ import json
 import pandas as pd
 import pytest
 
-from stages.artifacts import Layout
+from stages.records.artifacts import Layout
 from stages.errors import DataError
 from stages.prepare import arithmetic_problems, column_steps, prepare, worded_steps
-from stages.rewards import extract_reasoning, script_share
+from stages.rewards.rules import extract_reasoning, script_share
 
 
 def _read(layout):
@@ -105,7 +105,7 @@ def test_the_worded_working_names_each_column_and_carry(a, op, b, language, work
 
 
 def test_the_tiny_models_vocabulary_has_thai_for_builtin_th_only(tiny_params, tmp_path):
-    from stages.modeling import planned_tokenizer
+    from stages.model.modeling import planned_tokenizer
 
     default, _ = planned_tokenizer(tiny_params.model, tmp_path)
     thai, _ = planned_tokenizer(tiny_params.model, tmp_path, "builtin-th")

@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 
 from conftest import ROOT, clean_env, prepare_tiny_project
-from stages.artifacts import Layout, tree_digest
-from stages.config import load_params
+from stages.records.artifacts import Layout, tree_digest
+from stages.params import load_params
 from stages.replay import replay
 from stages.rescore import rescore
 

@@ -22,7 +22,7 @@ import pytest
 
 from conftest import (ROOT, dvc_project, outcome, prepare_tiny_project, train,
                       without_timings)
-from stages.artifacts import Layout, file_digest
+from stages.records.artifacts import Layout, file_digest
 
 ITERATIONS = 4
 # Where torch splits kernels over two threads: the default width, and minibatches of 32 shuffled

@@ -13,7 +13,7 @@ from stages.config import RewardConfig
 from stages.errors import ConfigError, RewardError
 from stages.objective import group_advantages
 from stages.reward import score_rollouts
-from stages.rewards import SPELLED_CREDIT, accuracy, format_reward, language, overlong, resolve, thai_number
+from stages.rewards.rules import SPELLED_CREDIT, accuracy, format_reward, language, overlong, resolve, thai_number
 
 # The seed's Thai answers to "1 + 7": "the answer is 8", "eight", "is 12", "the sum is 8".
 THAI = ["คำตอบคือ 8", "แปด", "เป็น 12", "ผลรวมคือ 8"]
@@ -213,7 +213,7 @@ def test_what_a_reward_prints_does_not_disturb_scoring(user_rewards):
 
 
 def test_math_verify_runs_with_its_own_timeouts_on_a_main_thread_only():
-    from stages.rewards import MATH_VERIFY_SECONDS, _alarm_seconds
+    from stages.rewards.rules import MATH_VERIFY_SECONDS, _alarm_seconds
 
     assert _alarm_seconds() == MATH_VERIFY_SECONDS  # pytest runs tests on the main thread, as the scoring process does
     seen = []

@@ -18,10 +18,10 @@ import torch
 
 from conftest import ROOT, dvc_project, outcome, prepare_tiny_project
 from stages.advantage import advantage
-from stages.artifacts import Layout, read_json
-from stages.config import load_params
+from stages.records.artifacts import Layout, read_json
+from stages.params import load_params
 from stages.errors import ConfigError, RewardError
-from stages.modeling import load_model
+from stages.model.modeling import load_model
 from stages.reward import reward, score_rollouts
 from stages.rollout import rollout, sampling_checkpoint
 
@@ -228,9 +228,9 @@ def test_a_cluster_address_that_does_not_answer_is_one_line_before_any_work(lagg
 
 
 def test_fsdp_on_a_model_without_transformer_blocks_to_shard_is_one_line(tiny_params):
-    from stages.distributed import Rank, distribute
+    from stages.model.distributed import Rank, distribute
     from stages.errors import ModelError
-    from stages.modeling import build_tiny_model, build_tokenizer
+    from stages.model.modeling import build_tiny_model, build_tokenizer
 
     model = build_tiny_model(tiny_params.model.tiny, build_tokenizer(), seed=0)
     model._no_split_modules = []  # as a custom architecture that names none

@@ -11,8 +11,8 @@ import time
 import pandas as pd
 import pytest
 
-from stages.artifacts import Layout
-from stages.config import load_params
+from stages.records.artifacts import Layout
+from stages.params import load_params
 from tests.conftest import ROOT
 
 
@@ -170,7 +170,7 @@ def test_a_resumed_run_continues_its_mlflow_run_and_logs_nothing_twice(tmp_path,
 def test_a_store_away_at_the_end_is_completed_by_grpo_sync_from_the_manifests(tmp_path, store, monkeypatch):
     """The record a finished run could not write is rebuilt from runs/: manifests, samples, the end."""
     from flows.cli import sync_step
-    from stages.manifest import write_manifest
+    from stages.records.manifest import write_manifest
 
     client, experiment = store
     monkeypatch.setenv("GRPO_SERVICES_WAIT_SECONDS", "0")
@@ -206,8 +206,8 @@ KILLED_MIDWAY = """
 import os, signal, sys
 from pathlib import Path
 from flows.tracking import Tracker
-from stages.artifacts import Layout
-from stages.config import load_params
+from stages.records.artifacts import Layout
+from stages.params import load_params
 fingerprint = {"params": "p", "reference": "r", "train_prompts": "t"}
 tracker = Tracker(load_params(sys.argv[1]), Layout(Path(sys.argv[2])), fingerprint, run_name="killed", flush_seconds=0)
 tracker.log_iteration(1, {"reward": 0.5}, samples=False)

@@ -14,11 +14,12 @@ import pandas as pd
 import pytest
 import torch
 
-from stages.artifacts import Layout, write_parquet
-from stages.config import TinyModel, load_params
+from stages.records.artifacts import Layout, write_parquet
+from stages.config import TinyModel
+from stages.params import load_params
 from stages.errors import GroupError
-from stages.generation import completion_logprobs, sample
-from stages.modeling import build_tiny_model, build_tokenizer, encode_prompts
+from stages.model.generation import completion_logprobs, sample
+from stages.model.modeling import build_tiny_model, build_tokenizer, encode_prompts
 from stages.objective import drop_truncated, grpo_loss
 from stages.rollout import iteration_seed
 from stages.update import TrainState, load_update_batch, make_optimizer, pass_order, update
@@ -166,7 +167,7 @@ def test_a_micro_batched_step_is_the_whole_minibatchs_step(iteration_files, loss
 def test_gradient_checkpointing_steps_the_policy_as_without(iteration_files):
     """The model's own checkpointing drops the KV cache the shared-prompt forward reads: each row
     then runs whole, with the same gradients."""
-    from stages.modeling import enable_gradient_checkpointing
+    from stages.model.modeling import enable_gradient_checkpointing
 
     layout, model, tokenizer = iteration_files
     params = params_for("grpo", beta=0.1)

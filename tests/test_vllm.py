@@ -25,12 +25,12 @@ import torch
 import yaml
 
 from conftest import ROOT, dvc_project, outcome, prepare_tiny_project, train
-from stages.artifacts import Layout, file_digest
-from stages.config import load_params
-from stages.generation import completion_logprobs, left_pad, pad_rows
-from stages.modeling import encode_prompts, eos_token_ids, load_model, load_tokenizer
-from stages.vllm_engine import Server, VllmEngine, request_seed
-from stages.vllm_server import started_server
+from stages.records.artifacts import Layout, file_digest
+from stages.params import load_params
+from stages.model.generation import completion_logprobs, left_pad, pad_rows
+from stages.model.modeling import encode_prompts, eos_token_ids, load_model, load_tokenizer
+from stages.model.vllm_engine import Server, VllmEngine, request_seed
+from stages.model.vllm_server import started_server
 
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 ITERATIONS = 3
@@ -86,7 +86,7 @@ def gaps(root: Path) -> list[float]:
 
 def vllm_processes(root: Path) -> list[str]:
     """The vLLM servers (and their engine processes) serving `root`'s model."""
-    found = subprocess.run(["pgrep", "-af", "stages.vllm_worker"], capture_output=True, text=True).stdout
+    found = subprocess.run(["pgrep", "-af", "stages.model.vllm_worker"], capture_output=True, text=True).stdout
     servers = [line.split()[0] for line in found.splitlines() if str(root) in line]
     groups = {str(os.getpgid(int(pid))) for pid in servers if Path(f"/proc/{pid}").exists()}
     members = subprocess.run(["ps", "-eo", "pid=,pgid="], capture_output=True, text=True).stdout.split("\n")
@@ -144,7 +144,7 @@ def test_vllm_samples_with_the_log_probs_the_trainer_computes_before_and_after_a
     engine.load_checkpoint(1, tmp_path / "checkpoint")
     assert trainer_logprobs(model, prompt_ids, engine.sample(prompt_ids, seeds, **draw), 4) < GAP
 
-    # What the repair in stages.vllm_worker is for: vLLM's own reload keeps a stale packed head.
+    # What the repair in stages.model.vllm_worker is for: vLLM's own reload keeps a stale packed head.
     engine.load_checkpoint(0, layout.reference)
     httpx.post(f"{server.url}/collective_rpc", json={"method": "reload_weights",
                                                      "kwargs": {"weights_path": str(tmp_path / "checkpoint")}})
@@ -226,7 +226,7 @@ def one_line_error(result: subprocess.CompletedProcess) -> str:
 
 def test_bad_vllm_settings_are_one_line_before_any_iteration(prepared, server, env, tmp_path):
     from stages.errors import EngineError
-    from stages.vllm_server import vllm_engine
+    from stages.model.vllm_server import vllm_engine
 
     layout = Layout(prepared)
     with pytest.raises(EngineError, match=r"no vLLM environment at .*; `make vllm` installs it"):

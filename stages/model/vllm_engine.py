@@ -8,7 +8,7 @@ Each prompt is one request with its own seed, derived from (seed, iteration, pro
 then draws the same tokens whatever else it batches with it, and whichever server (of
 `rollout.vllm.urls`) gets it, so the rollouts are a function of the run's params alone. The
 servers hold whole prompt groups each. Weights travel as files (prime-rl's transport): the
-checkpoint the update writes is reloaded into each server in place (`stages.vllm_worker`).
+checkpoint the update writes is reloaded into each server in place (`stages.model.vllm_worker`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 import xxhash
 
 from stages.errors import EngineError, one_line
-from stages.generation import Samples, pad_rows
+from stages.model.generation import Samples, pad_rows
 
 CONNECT_SECONDS = 5.0
 REQUEST_SECONDS = 1800.0  # one prompt's G completions; a CPU server under a realistic batch needs minutes

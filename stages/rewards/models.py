@@ -1,6 +1,6 @@
 """Rewards from models: a trained reward model, or an LLM judge, as reward components.
 
-Both are reward functions like the rules in `stages.rewards` — `fn(prompts, completions,
+Both are reward functions like the rules in `stages.rewards.rules` — `fn(prompts, completions,
 **columns) -> scores` — so they run where every reward runs (the scoring process, or the
 `reward.workers` scorers), under `reward.timeout_seconds`, and land in rewards.parquet as a
 column of their own; advantages, replay and rescore do not know the difference.
@@ -272,7 +272,7 @@ class Judge:
             except httpx.HTTPError as error:
                 raise ConnectionError(f"the judge server at {self.spec.url} does not answer: {one_line(error)}") from None
             if response.status_code != 200:
-                from stages.vllm_engine import server_error
+                from stages.model.vllm_engine import server_error
 
                 raise ValueError(f"the judge server at {self.spec.url} refused the request "
                                  f"({response.status_code}): {server_error(response)}")

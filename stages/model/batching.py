@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from stages.generation import left_pad, pad_rows
+from stages.model.generation import left_pad, pad_rows
 
 
 def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,7 +17,7 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
-from stages.artifacts import Layout
+from stages.records.artifacts import Layout
 from stages.errors import BusyError
 
 LOCK_FILE = ".lock"  # in runs/; listed in .dvcignore, so DVC never versions it

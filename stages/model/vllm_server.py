@@ -1,7 +1,7 @@
 """The vLLM service of a run: servers the user runs (`rollout.vllm.urls`), or one started here.
 
 A started server is its own program in its own environment (`make vllm` builds `.venv-vllm`:
-vLLM's pins clash with Prefect's), bound to 127.0.0.1, launched through `stages.vllm_worker`
+vLLM's pins clash with Prefect's), bound to 127.0.0.1, launched through `stages.model.vllm_worker`
 as the leader of a new process group. The run stops the group when it ends, however it ends:
 normally, by an error, Ctrl-C or SIGTERM (this context's exit), and by kill -9 (the launcher
 sees its parent gone within a second and kills its group). Its log is `.vllm/server-PORT.log`.
@@ -22,13 +22,13 @@ from typing import Iterator
 
 import httpx
 
-from stages.artifacts import Layout
+from stages.records.artifacts import Layout
 from stages.config import Params
 from stages.errors import EngineError, one_line
-from stages.modeling import context_length, resolve_device
-from stages.vllm_engine import Server, VllmEngine
+from stages.model.modeling import context_length, resolve_device
+from stages.model.vllm_engine import Server, VllmEngine
 
-PROJECT = Path(__file__).resolve().parents[1]  # on the server's PYTHONPATH: it imports stages.vllm_worker
+PROJECT = Path(__file__).resolve().parents[2]  # on the server's PYTHONPATH: it imports stages.model.vllm_worker
 SERVED_MODEL_NAME = "policy"
 STOP_SECONDS = 15.0
 PREFILL_TOKENS = 8192  # CPU: the tokens one engine step may prefill, at least (--max-num-batched-tokens)
@@ -68,14 +68,14 @@ def engine_dtype(params: Params) -> str:
 def server_command(python: Path, model: Path, port: int, params: Params, parent: int | None = None,
                    host: str = "127.0.0.1") -> list[str]:
     """The server's command line; it stops when process `parent` is gone (this one by default; 0: never)."""
-    command = [str(python), "-m", "stages.vllm_worker", str(os.getpid() if parent is None else parent),
+    command = [str(python), "-m", "stages.model.vllm_worker", str(os.getpid() if parent is None else parent),
                "--model", str(model), "--served-model-name", SERVED_MODEL_NAME,
                "--host", host, "--port", str(port), "--dtype", engine_dtype(params),
                "--seed", str(params.seed),
                # processed: the sampled token's log-prob under the temperature-scaled distribution,
                # the one the trainer's ratio uses (raw would be before the temperature).
                "--logprobs-mode", "processed_logprobs",
-               "--worker-extension-cls", "stages.vllm_worker.WeightReload",
+               "--worker-extension-cls", "stages.model.vllm_worker.WeightReload",
                "--generation-config", "vllm",  # the request's sampling settings, not the model's defaults
                "--disable-log-stats", "--uvicorn-log-level", "warning"]
     if params.model.lora.r:  # the adapter is loaded at run time (VLLM_ALLOW_RUNTIME_LORA_UPDATING)

@@ -18,7 +18,7 @@ from functools import lru_cache
 from typing import Callable, Optional, Sequence
 
 from stages.errors import ConfigError, one_line
-from stages.languages import SCRIPTS
+from stages.config import SCRIPTS
 
 RewardFn = Callable[..., Sequence[Optional[float]]]
 REGISTRY: dict[str, RewardFn] = {}
@@ -47,7 +47,7 @@ def extract_reasoning(completion: str) -> str:
 
 
 # math-verify's timeouts are SIGALRM alarms, which only the main thread can set: rewards are
-# scored on the main thread of the scoring process (stages/scoring.py), where each parse and
+# scored on the main thread of the scoring process (stages/rewards/scoring.py), where each parse and
 # comparison gets MATH_VERIFY_SECONDS (a timed-out answer counts as wrong, not as a hang), and
 # reward.timeout_seconds bounds the whole call. Elsewhere (a thread) there is no alarm;
 # inputs are capped in length either way. math-verify warns on every call without one.
@@ -244,8 +244,8 @@ def import_reward(dotted: str) -> RewardFn:
 def resolve(weights: dict[str, float], custom: list[str], models: dict | None = None,
             judges: dict | None = None) -> dict[str, RewardFn]:
     """The reward components of a run, by name: built-ins, the user's functions (`custom`), reward
-    models and judges (`stages.reward_models`: checked here, loaded when first called), each with a weight."""
-    from stages.reward_models import check_model_rewards, model_rewards
+    models and judges (`stages.rewards.models`: checked here, loaded when first called), each with a weight."""
+    from stages.rewards.models import check_model_rewards, model_rewards
 
     models, judges = models or {}, judges or {}
     available = dict(REGISTRY)

@@ -19,7 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from stages.config import LoraSection
 from stages.errors import ModelError, one_line
-from stages.modeling import save_model
+from stages.model.modeling import save_model
 
 ADAPTER_DIR = "adapter"  # under models/policy
 

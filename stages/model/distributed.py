@@ -10,7 +10,7 @@ size (`Rank.gradient_scale`). The step then equals the single-process step withi
 summation order (tests/test_scale_out.py checks it for ddp and fsdp and every loss_agg).
 
 Both wrappers arm their gradient hooks in the wrapped module's forward, and our log-probs
-are read from the body and the LM head separately (`stages.logprobs`): so the module they
+are read from the body and the LM head separately (`stages.model.logprobs`): so the module they
 wrap is `LogprobReader`, whose forward is the whole read-out.
 """
 
@@ -28,8 +28,8 @@ from torch import Tensor, nn
 
 from stages.config import Params
 from stages.errors import ModelError
-from stages.generation import shared_prompt_logprobs
-from stages.logprobs import readout
+from stages.model.generation import shared_prompt_logprobs
+from stages.model.logprobs import readout
 
 
 def uses_ray(params: Params) -> bool:

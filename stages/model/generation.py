@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 
-from stages.logprobs import cache_argument, readout
+from stages.model.logprobs import cache_argument, readout
 
 
 @dataclass

@@ -3,7 +3,7 @@
 A reward that hangs (a judge that never answers, a regex that backtracks forever, a sympy
 simplification that never ends) would otherwise hang the whole run: a thread cannot be
 stopped, and C code holding the GIL would stop the trainer's threads too. So the reward
-stage hands each component's call to a scoring process, `python -m stages.scoring`, started
+stage hands each component's call to a scoring process, `python -m stages.rewards.scoring`, started
 once per run (math-verify, the user's reward modules and any reward or judge model are
 loaded once), and waits for
 its answer at most `reward.timeout_seconds`. A call past its deadline kills the process and
@@ -11,7 +11,7 @@ stops the iteration before rewards.parquet is written, naming the reward and the
 
 Requests and replies are JSON lines (nothing is unpickled). Running on its own main thread,
 the scoring process can also give math-verify its signal-based per-answer timeouts, which a
-thread of the trainer cannot (see `stages.rewards.answers_match`).
+thread of the trainer cannot (see `stages.rewards.rules.answers_match`).
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from stages.config import RewardConfig
+from stages.config import JudgeSpec, RewardConfig, RewardModelSpec
 from stages.errors import PipelineError, RewardError, one_line
+from stages.rewards.rules import RewardFn, answers_match, import_reward, resolve
 
 COLUMNS = ["prompt", "completion", "answer", "prompt_id", "sample"]
 OPTIONAL_COLUMNS = ["completion_length"]  # sent when the rollouts have it (rollout's do; a hand-made frame may not)
@@ -75,7 +76,7 @@ class ScoringProcess:
         # project on sys.path; tests prepend their workspace).
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         self.key = _key(spec)
-        self.process = subprocess.Popen([sys.executable, "-m", "stages.scoring", spec], stdin=subprocess.PIPE,
+        self.process = subprocess.Popen([sys.executable, "-m", "stages.rewards.scoring", spec], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, env=env, preexec_fn=_die_with_parent)
         self._received = b""
         # It imports math-verify and the user's modules, and loads the models, before it says it
@@ -152,6 +153,78 @@ def _plain(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
+# ---- inside the scoring process: one component on one iteration's completions ----------------
+
+def _call(fn: RewardFn, rollouts: pd.DataFrame, settings: dict[str, Any]) -> Any:
+    columns = {
+        "answer": rollouts["answer"].tolist(),
+        "prompt_id": rollouts["prompt_id"].tolist(),
+        "sample": rollouts["sample"].tolist(),
+        # Tokens, eos included; None for a frame without it (one made by hand, not by rollout).
+        "completion_length": rollouts["completion_length"].tolist() if "completion_length" in rollouts else None,
+        **settings,
+    }
+    return fn(rollouts["prompt"].tolist(), rollouts["completion"].tolist(), **columns)
+
+
+def _culprit(rollouts: pd.DataFrame, row: int) -> str:
+    """How a user finds the completion again in rollouts.parquet."""
+    culprit = rollouts.iloc[row]
+    return f"prompt_id={culprit['prompt_id']!r} sample={culprit['sample']}"
+
+
+def _failure(name: str, fn: RewardFn, rollouts: pd.DataFrame, settings: dict[str, Any],
+             error: Exception) -> RewardError:
+    """The error for a reward that raised: on the first completion it raises on alone, if any."""
+    for row in range(len(rollouts)):
+        try:
+            _call(fn, rollouts.iloc[row:row + 1], settings)
+        except Exception as alone:
+            return RewardError(f"reward {name!r} raised on {_culprit(rollouts, row)}: "
+                               f"{type(alone).__name__}: {one_line(alone)}")
+    return RewardError(f"reward {name!r} raised on the batch of {len(rollouts)} completions (on none alone): "
+                       f"{type(error).__name__}: {one_line(error)}")
+
+
+def _as_list(name: str, result: Any, expected: int) -> list:
+    """A reward's result as one entry per completion, or an error saying what came back instead."""
+    shape = getattr(result, "shape", None)
+    if shape is not None and len(shape) != 1:
+        raise RewardError(f"reward {name!r} returned an array of shape {tuple(shape)}, expected ({expected},): "
+                          f"one score per completion")
+    if result is None or isinstance(result, (str, bytes, dict)) or not hasattr(result, "__iter__"):
+        raise RewardError(f"reward {name!r} returned {type(result).__name__} {one_line(repr(result), 60)}, "
+                          f"expected a list of {expected} scores, one per completion")
+    scores = list(result)
+    if len(scores) != expected:
+        raise RewardError(f"reward {name!r} returned {len(scores)} scores for {expected} completions")
+    return scores
+
+
+def score_component(name: str, fn: RewardFn, rollouts: pd.DataFrame, settings: dict[str, Any]) -> np.ndarray:
+    """Exactly one finite float per completion (NaN = abstained, from `None`), or an error naming the culprit.
+    `settings` (`run_settings`) are passed to `fn` as keyword columns."""
+    try:
+        result = _call(fn, rollouts, settings)
+    except Exception as error:  # the user's code: find the completion it fails on, to reproduce it
+        raise _failure(name, fn, rollouts, settings, error) from None
+    values = np.full(len(rollouts), np.nan)
+    for row, score in enumerate(_as_list(name, result, len(rollouts))):
+        if score is None:  # an explicit abstention
+            continue
+        try:
+            value = math.nan if isinstance(score, (str, bytes)) else float(score)
+        except (TypeError, ValueError):
+            value = math.nan
+        if not math.isfinite(value):
+            raise RewardError(
+                f"reward {name!r} returned {one_line(repr(score), 60)} for {_culprit(rollouts, row)}: "
+                f"expected a finite number or None (abstain)"
+            )
+        values[row] = value
+    return values
+
+
 _current: ScoringProcess | None = None
 
 
@@ -167,9 +240,6 @@ def scoring_process(cfg: RewardConfig) -> ScoringProcess:
 
 
 def serve(spec: dict, requests, replies) -> None:
-    from stages.reward import score_component  # imported by warm_up already
-    from stages.rewards import resolve
-
     for line in requests:
         request = json.loads(line)
         columns = pd.DataFrame(request["columns"])
@@ -191,10 +261,6 @@ def serve(spec: dict, requests, replies) -> None:
 def warm_up(spec: dict) -> dict:
     """Import what scoring needs and load the models, so a reward's first call is timed on its own
     work; `spec` (from `scorers`) with the model sections as the params' own types."""
-    import stages.reward  # noqa: F401  (what `serve` calls: pandas, pyarrow, pydantic; no torch)
-    from stages.config import JudgeSpec, RewardModelSpec
-    from stages.rewards import answers_match, import_reward
-
     answers_match("1", "1")  # math-verify imports its parsers on first use
     for dotted in spec["custom"]:
         import_reward(dotted)
@@ -203,7 +269,7 @@ def warm_up(spec: dict) -> dict:
     if models or any(s.model for s in judges.values()):
         import torch
 
-        from stages.reward_models import warm_up as load_models
+        from stages.rewards.models import warm_up as load_models
 
         torch.set_num_threads(spec["threads"])
         load_models(models, judges)

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from stages.artifacts import Layout, read_json, tree_digest, value_digest, write_json
+from stages.records.artifacts import Layout, read_json, tree_digest, value_digest, write_json
 from stages.config import Params
 from stages.errors import ReplayError
 

@@ -6,7 +6,7 @@ import csv
 import io
 from typing import Any
 
-from stages.artifacts import Layout, write_json, write_text
+from stages.records.artifacts import Layout, write_json, write_text
 
 
 def _cell(value: Any) -> str:

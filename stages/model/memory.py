@@ -16,7 +16,7 @@ from typing import Iterator
 
 import torch
 
-from stages.artifacts import readable_size
+from stages.records.artifacts import readable_size
 from stages.errors import OutOfMemoryError
 
 _CPU_ALLOCATION = re.compile(r"can't allocate memory: you tried to allocate (\d+) bytes")

@@ -22,7 +22,7 @@ from transformers.utils import logging as hf_logging
 from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig,
                           PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast)
 
-from stages.artifacts import write_dir
+from stages.records.artifacts import write_dir
 from stages.errors import DataError, ModelError, one_line
 from stages.config import ModelConfig, Params, TinyModel
 
@@ -54,7 +54,7 @@ def compile_forward(model: PreTrainedModel) -> PreTrainedModel:
     """The forward of `model`'s body (its decoder), compiled by torch.compile (inductor), in place.
 
     The body, not the whole model: log-probs are read from its hidden states through the LM
-    head a chunk at a time (stages/logprobs.py), and the model's own forward calls the body
+    head a chunk at a time (stages/model/logprobs.py), and the model's own forward calls the body
     too, so sampling runs compiled as well. On a small model most of a forward's time is
     launching ~1,000 small ops per step (norms, rotary, activations, their backward); inductor
     fuses them. Shapes are dynamic: one graph serves every batch and sequence length (prefill,

@@ -1,6 +1,6 @@
 """The group contract every stage after rollout rests on: each prompt has exactly G completions.
 
-Kept free of torch, so the reward scoring process (stages/scoring.py) imports it cheaply.
+Kept free of torch, so the reward scoring process (stages/rewards/scoring.py) imports it cheaply.
 """
 
 from __future__ import annotations
