@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from stages.config import Params, set_key
 from stages.errors import ConfigError, one_line
-from stages.rewards.rules import resolve  # math-verify and the user's modules are imported when they score
+from stages.rewards.rules import resolve  # imports the user's reward modules when called; math-verify later
 
 
 def _describe(error: ValidationError) -> str:

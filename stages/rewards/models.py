@@ -16,7 +16,7 @@ A model is loaded on its first call and kept for the life of the process: once p
 reward worker), never per iteration. torch and transformers are imported then, not before:
 a run without model rewards does not pay for them in its scoring process.
 
-Everything a model reward can refuse is refused before any rollout: `check_model_reward`
+Everything a model reward can refuse is refused before any rollout: `check_model_rewards`
 reads the directories' JSON (at params load), `check_prompts_fit` tokenizes the prompts and
 asks the servers (when the run starts).
 """
