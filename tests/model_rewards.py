@@ -89,18 +89,12 @@ def build_reward_model(target: Path, data: list[tuple[str, str, float]], source:
     tokenizer = build_tokenizer(task_characters(source))
     tokenizer.padding_side = "right"
     model = LlamaForSequenceClassification(_config(tokenizer, num_labels=1))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    rng = random.Random(seed)
-    for _ in range(steps):
-        batch = rng.sample(data, 32)
+
+    def loss(batch):
         encoded = tokenizer([f"{p}\n{c}" for p, c, _ in batch], return_tensors="pt", padding=True)
-        loss = torch.nn.functional.mse_loss(model(**encoded).logits[:, 0], torch.tensor([s for *_, s in batch]))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.save_pretrained(target)
-    tokenizer.save_pretrained(target)
-    return target
+        return torch.nn.functional.mse_loss(model(**encoded).logits[:, 0], torch.tensor([s for *_, s in batch]))
+
+    return _fit(model, tokenizer, data, loss, steps, seed, target)
 
 
 def build_format_judge(target: Path, steps: int = 300, seed: int = 0) -> Path:
@@ -109,18 +103,25 @@ def build_format_judge(target: Path, steps: int = 300, seed: int = 0) -> Path:
     tokenizer = build_tokenizer(task_characters("builtin"))
     model = LlamaForCausalLM(_config(tokenizer))
     data = examples(2048, seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    rng = random.Random(seed)
     digits = {1.0: tokenizer.convert_tokens_to_ids("1"), 0.0: tokenizer.convert_tokens_to_ids("0")}
     tokenizer.padding_side = "left"
-    for _ in range(steps):
-        batch = rng.sample(data, 32)
+
+    def loss(batch):
         encoded = tokenizer([JUDGE_TEMPLATE.format(prompt=p, completion=c) + "\n" for p, c, _ in batch],
                             return_tensors="pt", padding=True)
         logits = model(**encoded).logits[:, -1]  # the reply's first token
-        loss = torch.nn.functional.cross_entropy(logits, torch.tensor([digits[s] for *_, s in batch]))
+        return torch.nn.functional.cross_entropy(logits, torch.tensor([digits[s] for *_, s in batch]))
+
+    return _fit(model, tokenizer, data, loss, steps, seed, target)
+
+
+def _fit(model, tokenizer, data, loss, steps: int, seed: int, target: Path) -> Path:
+    """`steps` AdamW steps on batches of 32 drawn from `data`, then the model saved at `target`."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rng = random.Random(seed)
+    for _ in range(steps):
         optimizer.zero_grad()
-        loss.backward()
+        loss(rng.sample(data, 32)).backward()
         optimizer.step()
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)

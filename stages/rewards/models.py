@@ -67,14 +67,19 @@ def model_path(path: str) -> Path:
     return Path(path).expanduser()
 
 
+def _architecture(config: dict, suffix: str, key: str, path: str, what: str) -> None:
+    """Refuse a directory whose architecture does not end in `suffix` (what the component loads it as)."""
+    architectures = config.get("architectures") or []
+    if not any(a.endswith(suffix) for a in architectures):
+        raise ConfigError(f"{key}: {path} is a {', '.join(architectures) or 'model of no architecture'}, not {what} "
+                          f"(…{suffix})")
+
+
 def check_reward_model(name: str, spec: RewardModelSpec) -> None:
     """A directory of a sequence-classification model with one output (a scalar score)."""
     key = f"reward.models.{name}"
     config = _config(model_path(spec.path), key)
-    architectures = config.get("architectures") or []
-    if not any(a.endswith("ForSequenceClassification") for a in architectures):
-        raise ConfigError(f"{key}: {spec.path} is a {', '.join(architectures) or 'model of no architecture'}, not a "
-                          f"sequence-classification reward model (…ForSequenceClassification)")
+    _architecture(config, "ForSequenceClassification", key, spec.path, "a sequence-classification reward model")
     labels = config.get("num_labels") or len(config.get("id2label") or {}) or 2  # transformers' default is 2
     if labels != 1:
         raise ConfigError(f"{key}: {spec.path} has a head of {labels} labels; a reward model has one (a scalar "
@@ -84,11 +89,8 @@ def check_reward_model(name: str, spec: RewardModelSpec) -> None:
 def check_judge(name: str, spec: JudgeSpec) -> None:
     if spec.model:
         key = f"reward.judges.{name}.model"
-        config = _config(model_path(spec.model), key)
-        architectures = config.get("architectures") or []
-        if not any(a.endswith("ForCausalLM") for a in architectures):
-            raise ConfigError(f"{key}: {spec.model} is a {', '.join(architectures) or 'model of no architecture'}, "
-                              f"not a causal language model (…ForCausalLM) that can reply")
+        _architecture(_config(model_path(spec.model), key), "ForCausalLM", key, spec.model,
+                      "a causal language model that can reply")
 
 
 def check_model_rewards(models: dict[str, RewardModelSpec], judges: dict[str, JudgeSpec]) -> None:
