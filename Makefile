@@ -38,8 +38,14 @@ vllm: $(VLLM_VENV)/.installed
 run: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" DVC_NO_ANALYTICS=1 dvc repro
 
+# The suite on TEST_WORKERS pytest-xdist processes, a whole module to each (a module's fixtures —
+# a previous run, a vLLM server — are made once), the slowest modules first (tests/conftest.py).
+# Most of a test's time is spent waiting on a server or a subprocess, so three workers keep two
+# cores busy. TEST_WORKERS=0: one module after another, in this process.
+TEST_WORKERS ?= 3
+
 test: install vllm
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PYTHON) -m pytest -q
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 clean:
 	rm -rf data models runs metrics

@@ -14,7 +14,14 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
+
+# `make test` runs the modules on several pytest-xdist workers at once, so the torch processes of
+# two tests share the cores. libgomp's threads spin for a while whenever they wait for work; two
+# processes' spinning threads then take the cores from each other's busy ones, and both crawl. Passive waiters sleep instead: the same threads, the same split of the work, the
+# same bits. Set before torch loads libgomp, and inherited by every process a test starts.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 _STATE = tempfile.mkdtemp(prefix="grpo-tests-")
@@ -27,12 +34,16 @@ os.mkdir(os.environ["TMPDIR"])
 tempfile.tempdir = None  # re-read TMPDIR
 atexit.register(shutil.rmtree, _STATE, ignore_errors=True)
 
-# Before prefect/mlflow are imported: keep their state out of the user's home and the repo.
-os.environ.setdefault("PREFECT_HOME", os.path.join(_STATE, "prefect"))
+# Before prefect/mlflow are imported: keep their state out of the user's home and the repo, and
+# apart for each pytest-xdist worker (a worker inherits the controller's environment).
+os.environ["PREFECT_HOME"] = os.path.join(_STATE, "prefect")
+os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{os.path.join(_STATE, 'mlflow.db')}"
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
-os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{os.path.join(_STATE, 'mlflow.db')}")
+# One inductor cache for the whole session, workers included (set first by the controller): the
+# compiled tests compile the same tiny graphs, as a user's second compiled run finds them cached.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(_STATE, "inductor"))
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -61,7 +72,8 @@ def start_prefect_server(env: dict[str, str], port: int | None = None) -> tuple[
     log = tempfile.NamedTemporaryFile("w", prefix=f"prefect-server-{port}-", suffix=".log", delete=False)
     server = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
                                "--port", str(port)], env=env, stdout=log, stderr=log, start_new_session=True)
-    deadline = time.time() + 90
+    # ~10 s alone; three at once (one per xdist worker, beside a vLLM start-up) took over 90 s.
+    deadline = time.time() + 300
     while True:
         try:
             urllib.request.urlopen(f"{api}/health", timeout=2)
@@ -177,6 +189,21 @@ def tiny_overrides() -> list[str]:
 def tiny_params(tiny_overrides):
     from stages.params import load_params
     return load_params(ROOT / "params.yaml", tiny_overrides)
+
+
+# The modules, slowest first (seconds of a serial run, `pytest --durations=0`, rounded): `make test`
+# hands whole modules to its workers in this order, so the longest ones start at once instead of
+# one of them starting last. A module not listed runs after these, as collected.
+SLOWEST_FIRST = {
+    "test_vllm.py": 445, "test_faults.py": 410, "test_resume.py": 375, "test_bad_input.py": 315,
+    "test_scale_out.py": 295, "test_orchestration.py": 230, "test_compile.py": 125, "test_model_rewards.py": 100,
+    "test_tracking.py": 95, "test_dynamic_sampling.py": 95, "test_replay.py": 90, "test_lora.py": 75,
+    "test_pipeline.py": 65, "test_prefect_server.py": 50, "test_modeling.py": 30,
+}
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: -SLOWEST_FIRST.get(item.path.name, 0))  # stable: each module keeps its order
 
 
 def pytest_unconfigure(config):

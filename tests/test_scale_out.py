@@ -144,17 +144,27 @@ def lagged_project(tmp_path_factory):
     return prepare_tiny_project(tmp_path_factory.mktemp("lagged"), 4, LAGGED)
 
 
+RUN_TAG = "GRPO_TEST_RUN"
+
+
 def grpo_train(root: Path, env: dict[str, str], *extra: str) -> subprocess.Popen:
+    """`grpo train` on `root`; its environment names `root`, and so does every Ray process it starts."""
     return subprocess.Popen([sys.executable, "-m", "flows.cli", "train", "--params", str(root / "params.yaml"),
-                             "--root", str(root), *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                             "--root", str(root), *extra], cwd=ROOT, env={**env, RUN_TAG: str(root)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def ray_processes(role: str) -> list[psutil.Process]:
+def ray_processes(role: str, root: Path) -> list[psutil.Process]:
+    """The Ray actors of `role` that `grpo_train(root)` started (the suite's other workers may be
+    running Ray at the same time): Ray's workers inherit the environment of the run that started them."""
     found = []
     for process in psutil.process_iter(["cmdline"]):
-        if (process.info["cmdline"] or [""])[0].startswith(f"ray::{role}"):
-            found.append(process)
+        try:
+            if ((process.info["cmdline"] or [""])[0].startswith(f"ray::{role}")
+                    and process.environ().get(RUN_TAG) == str(root)):
+                found.append(process)
+        except psutil.Error:  # ended, or not ours to read
+            continue
     return found
 
 
@@ -186,7 +196,7 @@ def test_a_lagged_run_is_deterministic_names_a_killed_process_and_resumes_to_the
         deadline, victims = time.time() + 300, []
         while not (done.exists() and victims) and run.poll() is None and time.time() < deadline:
             time.sleep(0.2)
-            victims = ray_processes(role)
+            victims = ray_processes(role, killed)
         assert done.exists() and victims, run.stderr.read() if run.poll() is not None else victims
         victims[0].send_signal(signal.SIGKILL)
         killed_at = time.time()
@@ -195,7 +205,8 @@ def test_a_lagged_run_is_deterministic_names_a_killed_process_and_resumes_to_the
         error = run.stderr.read().strip().splitlines()[-1]
         assert code == 1 and error.startswith(message) and " died " in error, error
         assert seconds < 60, f"the run noticed its dead {role} only after {seconds:.0f} s"
-        assert not ray_processes("Trainer") and not ray_processes("RolloutWorker"), "processes outlived the run"
+        assert not ray_processes("Trainer", killed) and not ray_processes("RolloutWorker", killed), \
+            "processes outlived the run"
 
     resumed = grpo_train(killed, env)
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
