@@ -24,7 +24,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-_STATE = tempfile.mkdtemp(prefix="grpo-tests-")
+# In the system's temporary folder, also for a pytest-xdist worker (which inherits the
+# controller's TMPDIR below): nested, the paths outgrow the 107 bytes of a Unix socket's name
+# that vLLM's and Ray's sockets under TMPDIR need.
+_SYSTEM_TMP = os.environ.setdefault("GRPO_TESTS_SYSTEM_TMPDIR", tempfile.gettempdir())
+_STATE = tempfile.mkdtemp(prefix="grpo-tests-", dir=_SYSTEM_TMP)
 # Every temporary file of the session — ours, pytest's, and those of the servers, workers and
 # CLIs the tests start — goes under _STATE, which is removed at exit (registered before
 # Prefect's own exit handler, so it runs after it): a CI machine's disk does not fill up run
