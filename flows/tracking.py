@@ -356,6 +356,12 @@ class Tracker:
         self._flushed = time.monotonic()
         self._take_replies(wait=False)
 
+    @property
+    def unanswered(self) -> int:
+        """Requests the tracking process has not answered yet (it answers each once the store has it)."""
+        self._take_replies(wait=False)
+        return self._sent - self._answered
+
     def wait(self) -> None:
         """Return once the tracking process has answered everything sent so far."""
         self._take_replies(wait=True)
