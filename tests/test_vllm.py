@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -310,6 +311,34 @@ def test_the_run_starts_its_own_server_and_leaves_none_behind_whatever_happens(p
     assert not vllm_processes(root)
     frame = pd.read_csv(Layout(root).metrics / "iterations.csv")
     assert len(frame) == 2 and frame["rollout/logprob_diff_max"].max() < GAP  # untied head, long prompts, reloads
+
+
+STARTS_A_SERVER = """
+import sys
+from pathlib import Path
+from stages.records.artifacts import Layout
+from stages.params import load_params
+from stages.model.vllm_server import started_server
+with started_server(load_params(Path(sys.argv[1]) / "params.yaml"), Layout(Path(sys.argv[1]))):
+    pass
+"""
+
+
+def test_a_pipeline_killed_while_its_server_starts_leaves_none_behind(prepared, tmp_path):
+    """The launcher watches its parent before it imports vLLM (seconds of imports, then the engine's
+    processes): a kill -9 in that window leaves nothing running either."""
+    root = workspace(prepared, tmp_path, "starting")
+    pipeline = subprocess.Popen([sys.executable, "-c", STARTS_A_SERVER, str(root)], cwd=ROOT)
+    deadline = time.monotonic() + 120
+    while not vllm_processes(root):
+        assert pipeline.poll() is None and time.monotonic() < deadline, "no vLLM launcher started"
+        time.sleep(0.05)
+    pipeline.kill()
+    pipeline.wait()
+    deadline = time.monotonic() + 5  # the launcher polls its parent every 0.5 s; vLLM's imports take ~10 s
+    while vllm_processes(root) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not vllm_processes(root)
 
 
 def test_a_server_that_cannot_start_is_one_line_with_its_reason(prepared, tmp_path):

@@ -79,10 +79,12 @@ def unsupported_on_cpu(arguments: list[str]) -> str | None:
 
 
 if __name__ == "__main__":
+    # Watching first: the checks below import vLLM (seconds), and a pipeline killed meanwhile
+    # must not leave this process behind.
+    if int(sys.argv[1]):  # 0: a server the user runs (`grpo vllm-server`), which outlives nobody
+        threading.Thread(target=_watch_parent, args=(int(sys.argv[1]),), daemon=True).start()
     if (why := unsupported_on_cpu(sys.argv[2:])) is not None:
         print(f"error: {why}", file=sys.stderr, flush=True)
         raise SystemExit(3)
-    if int(sys.argv[1]):  # 0: a server the user runs (`grpo vllm-server`), which outlives nobody
-        threading.Thread(target=_watch_parent, args=(int(sys.argv[1]),), daemon=True).start()
     sys.argv = ["vllm.entrypoints.openai.api_server", *sys.argv[2:]]
     runpy.run_module("vllm.entrypoints.openai.api_server", run_name="__main__", alter_sys=True)
