@@ -40,9 +40,9 @@ run: install
 
 # The suite on TEST_WORKERS pytest-xdist processes, a whole module to each (a module's fixtures —
 # a previous run, a vLLM server — are made once), the slowest modules first (tests/conftest.py).
-# Most of a test's time is spent waiting on a server or a subprocess, so three workers keep two
-# cores busy. TEST_WORKERS=0: one module after another, in this process.
-TEST_WORKERS ?= 3
+# A serial suite keeps about one of two cores busy (imports, start-ups and waits on servers are
+# single-threaded), so two workers fill both. TEST_WORKERS=0: one module after another, in this process.
+TEST_WORKERS ?= 2
 
 test: install vllm
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder

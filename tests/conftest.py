@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import ctypes
 import os
 import shutil
 import signal
@@ -68,6 +69,17 @@ TINY = [
 ]
 
 
+_LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
+PR_SET_PDEATHSIG = 1
+
+
+def _dies_with_the_suite() -> None:
+    """In a server's process, before it starts: SIGTERM when pytest ends, even by SIGKILL (a session
+    fixture's teardown, which stops it, does not run then; it would otherwise serve on, idle)."""
+    if _LIBC is not None:
+        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def start_prefect_server(env: dict[str, str], port: int | None = None) -> tuple[subprocess.Popen, str]:
     """A real `prefect server start` on 127.0.0.1, healthy: (its process, its API URL)."""
     port = port or free_port()
@@ -75,8 +87,9 @@ def start_prefect_server(env: dict[str, str], port: int | None = None) -> tuple[
     # Its own process group, so a test can kill it whole (it serves from a child process).
     log = tempfile.NamedTemporaryFile("w", prefix=f"prefect-server-{port}-", suffix=".log", delete=False)
     server = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
-                               "--port", str(port)], env=env, stdout=log, stderr=log, start_new_session=True)
-    # ~10 s alone; three at once (one per xdist worker, beside a vLLM start-up) took over 90 s.
+                               "--port", str(port)], env=env, stdout=log, stderr=log, start_new_session=True,
+                              preexec_fn=_dies_with_the_suite)
+    # ~10 s alone; several at once (one per xdist worker, beside a vLLM start-up) took over 90 s.
     deadline = time.time() + 300
     while True:
         try:
