@@ -154,6 +154,15 @@ def test_vllm_samples_with_the_log_probs_the_trainer_computes_before_and_after_a
     engine.close()
 
 
+def test_the_servers_engine_processes_wait_for_each_other_without_spinning(server):
+    """The project's vLLM plugin (pyproject.toml, registered in `.venv-vllm` by `make vllm`) runs in
+    the engine core and the worker: neither takes a core from the other while it waits."""
+    said = [line.split()[0] for line in server.log.read_text().splitlines()
+            if "message queues wait without spinning" in line]
+    assert any(who.startswith("(EngineCore") for who in said), said
+    assert any("Worker" in who for who in said), said
+
+
 def test_the_servers_hold_the_checkpoint_the_schedule_names_and_reload_only_when_it_changes(prepared, server,
                                                                                            tmp_path):
     from stages.rollout import load_sampling_weights

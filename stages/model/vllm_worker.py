@@ -17,6 +17,7 @@ through POST /collective_rpc (prime-rl's transport: the weights travel as files)
 
 from __future__ import annotations
 
+import logging
 import os
 import runpy
 import signal
@@ -54,6 +55,32 @@ class WeightReload:
             method = getattr(head, "quant_method", None)
             if method is not None and hasattr(method, "process_weights_after_loading"):
                 method.process_weights_after_loading(head)
+
+
+def wait_without_spinning() -> None:
+    """A vLLM general plugin (pyproject.toml's `vllm.general_plugins`, which `make vllm` registers in
+    `.venv-vllm`): vLLM calls it first thing in each of its processes.
+
+    vLLM's processes pass every engine step through shared-memory queues, and a reader busy-waits
+    (sched_yield) for 1 s after each message before it sleeps on a socket. On a GPU that spin
+    costs a spare core; on a CPU server the engine core spins all through the worker's forward and
+    takes a core from the worker's threads: on 2 cores, generation at the realistic shape took
+    51.9 s spinning and 42.4 s not (benchmarks/README.md). Readers then sleep until the writer's
+    notification, which every write sends.
+    """
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    from vllm.distributed.device_communicators import shm_broadcast
+
+    class SleepingSpinCondition(shm_broadcast.SpinCondition):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **{**kwargs, "busy_loop_s": 0.0})
+
+    if shm_broadcast.SpinCondition.__name__ != SleepingSpinCondition.__name__:  # vLLM may load plugins twice
+        shm_broadcast.SpinCondition = SleepingSpinCondition
+        logging.getLogger("vllm.plugins.grpo").info("message queues wait without spinning (CPU)")
 
 
 def unsupported_on_cpu(arguments: list[str]) -> str | None:
