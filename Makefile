@@ -25,12 +25,13 @@ $(VENV)/.installed: pyproject.toml | $(PYTHON)
 
 install: $(VENV)/.installed
 
+# .venv-vllm: vLLM, then this project without its dependencies, for its entry points: each vLLM
+# process loads the project's plugin from them (stages/model/vllm_worker.py: wait_without_spinning).
 $(VLLM_VENV)/.installed: pyproject.toml
 	python3 -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/python -m pip install -q "$(VLLM_SPEC)"
 	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
-	# This project's entry points only (not its dependencies): vLLM's processes load its plugin from them.
 	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -e .
 	$(VLLM_VENV)/bin/python -c "import vllm.entrypoints.openai.api_server"
 	touch $@

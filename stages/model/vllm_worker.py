@@ -57,16 +57,23 @@ class WeightReload:
                 method.process_weights_after_loading(head)
 
 
+RECHECK_MS = 200  # how long a waiting vLLM process sleeps on its queue's socket before it looks again (CPU)
+
+
 def wait_without_spinning() -> None:
     """A vLLM general plugin (pyproject.toml's `vllm.general_plugins`, which `make vllm` registers in
     `.venv-vllm`): vLLM calls it first thing in each of its processes.
 
-    vLLM's processes pass every engine step through shared-memory queues, and a reader busy-waits
-    (sched_yield) for 1 s after each message before it sleeps on a socket. On a GPU that spin
-    costs a spare core; on a CPU server the engine core spins all through the worker's forward and
-    takes a core from the worker's threads: on 2 cores, generation at the realistic shape took
-    51.9 s spinning and 42.4 s not (benchmarks/README.md). Readers then sleep until the writer's
-    notification, which every write sends.
+    vLLM's processes pass every engine step through shared-memory queues. A reader that finds its
+    queue empty looks again at once (sched_yield) for 1 s after its last message, and only then
+    sleeps on a socket the writer pings at every message, looking again every 5 s in case a ping
+    was lost. On a GPU the spin costs a spare core; on a CPU server the engine core spins all
+    through the worker's forward and takes a core from the worker's threads. Here readers sleep on
+    the socket at once and look again every 200 ms: the worker keeps its cores, and a lost ping
+    costs at most 200 ms. Measured on 2 cores (benchmarks/README.md), generation of the tiny model
+    and of the realistic shape: spinning (vLLM's way) 0.95 s and 51.9 s; sleeping with the 5 s
+    look 5.8 s (lost pings) and 41.9 s; looking every 200 ms 0.92 s and 46.8 s (every 20 ms:
+    0.68 s and 49.6 s; every 1 ms: 0.69 s and 52.6 s, the wake-ups cost what the spin did).
     """
     from vllm.platforms import current_platform
 
@@ -74,13 +81,16 @@ def wait_without_spinning() -> None:
         return
     from vllm.distributed.device_communicators import shm_broadcast
 
+    if shm_broadcast.SpinCondition.__name__ == "SleepingSpinCondition":  # vLLM may load the plugins twice
+        return
+
     class SleepingSpinCondition(shm_broadcast.SpinCondition):
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **{**kwargs, "busy_loop_s": 0.0})
 
-    if shm_broadcast.SpinCondition.__name__ != SleepingSpinCondition.__name__:  # vLLM may load plugins twice
-        shm_broadcast.SpinCondition = SleepingSpinCondition
-        logging.getLogger("vllm.plugins.grpo").info("message queues wait without spinning (CPU)")
+    shm_broadcast.SpinCondition = SleepingSpinCondition
+    shm_broadcast.SHM_READER_RECHECK_INTERVAL_MS = RECHECK_MS
+    logging.getLogger("vllm.plugins.grpo").info("message queues wait without spinning (CPU)")
 
 
 def unsupported_on_cpu(arguments: list[str]) -> str | None:
