@@ -7,9 +7,10 @@ the same params): tokens per second, wall and CPU seconds (vLLM's: its server's 
 the client's), median of `--repeats`; vLLM's start-up (to healthy and its first request) and
 weight-reload time (median); peak resident memory (native: the process; vLLM: the server's
 process group, sampled); the gap between vLLM's sampling log-probs and the trainer's for the
-same tokens. Then, at the realistic shape, whole iterations (rollout → reward → advantage →
-update, the stage functions `grpo train` runs) with each engine: their seconds, and the median
-after the first. fp32, `threads` = cores for each engine (they never run at once).
+same tokens. Then, at the realistic shape, a whole iteration (weight reload → rollout → reward →
+advantage → update, the stage functions `grpo train` runs) with each engine, `--iterations` times
+from the same policy: their seconds, and the median after the first. fp32, `threads` = cores for
+each engine (they never run at once).
 """
 
 from __future__ import annotations
@@ -164,7 +165,16 @@ class _Nothing:
 
 
 def iterations(shape: str, engine_name: str, work: Path, count: int) -> dict:
-    """`count` whole iterations with one engine, as `grpo train` runs them (without Prefect and MLflow)."""
+    """Iteration 1 with one engine, `count` times from the same policy: weight reload (as every later
+    iteration pays it) → rollout → reward → advantage → update, the stage functions `grpo train`
+    runs (without Prefect and MLflow).
+
+    Why iteration 1 again and not iterations 1..count: the engines draw different samples for one
+    seed, so from iteration 2 on their runs train different policies, whose completions end at
+    different lengths (a policy that learned to stop early generates and updates less). From one
+    policy each repeat is the same work, and the two engines' work differs only by their draws
+    (the completions' mean length is recorded beside the seconds).
+    """
     import torch
 
     from stages.advantage import advantage
@@ -182,29 +192,34 @@ def iterations(shape: str, engine_name: str, work: Path, count: int) -> dict:
     shutil.rmtree(layout.root, ignore_errors=True)
     shutil.copytree(Layout(prepared).prompts, layout.prompts)
     shutil.copytree(Layout(prepared).reference, layout.reference)
-    params = load_params(ROOT / "params.yaml", [*overrides, f"rollout.engine={engine_name}",
-                                                f"grpo.iterations={count}"])
+    params = load_params(ROOT / "params.yaml", [*overrides, f"rollout.engine={engine_name}", "grpo.iterations=1"])
     configure_threads(params)
     state = load_train_state(params, layout, 0)
     reference = load_reference(params, layout, state)
     rows = []
     with (vllm_engine(params, layout) if engine_name == "vllm" else _Nothing()) as engine:
-        for iteration in range(1, count + 1):
+        for repeat in range(1, count + 1):
+            shutil.rmtree(layout.iteration(1), ignore_errors=True)
+            if repeat > 1:
+                state = load_train_state(params, layout, 0)
+            if engine is not None:
+                engine.holds = None  # reload checkpoint 0, as each later iteration reloads its checkpoint
             started = time.perf_counter()
-            metrics = rollout(params, layout, iteration, state.model, state.tokenizer, engine=engine)
-            metrics |= reward(params.reward, layout, iteration, params.rollout.group_size,
+            metrics = rollout(params, layout, 1, state.model, state.tokenizer, engine=engine)
+            metrics |= reward(params.reward, layout, 1, params.rollout.group_size,
                               max_new_tokens=params.rollout.max_new_tokens)
-            metrics |= advantage(params.grpo, params.rollout.group_size, layout, iteration)
-            metrics |= update(params, layout, iteration, state, reference)
-            rows.append({"iteration": iteration, "seconds": time.perf_counter() - started,
+            metrics |= advantage(params.grpo, params.rollout.group_size, layout, 1)
+            metrics |= update(params, layout, 1, state, reference)
+            rows.append({"repeat": repeat, "seconds": time.perf_counter() - started,
                          **{key: metrics[key] for key in ("seconds/rollout", "seconds/reward", "seconds/update",
-                                                          "seconds/weight_reload", "rollout/logprob_diff_mean",
-                                                          "rollout/logprob_diff_max") if key in metrics}})
+                                                          "seconds/weight_reload", "completions/mean_length",
+                                                          "rollout/logprob_diff_mean", "rollout/logprob_diff_max")
+                            if key in metrics}})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     del state, reference
     torch.manual_seed(0)
-    steady = rows[1:] or rows
-    return {"shape": shape, "engine": engine_name, "iterations": rows,
+    steady = rows[1:] or rows  # the first pays the engine's warm-up
+    return {"shape": shape, "engine": engine_name, "repeats": rows,
             "median_seconds_after_the_first": statistics.median(row["seconds"] for row in steady)}
 
 
@@ -219,8 +234,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", nargs="+", default=["tiny", "realistic"], choices=list(SHAPES))
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--iterations", type=int, default=3, help="whole iterations per engine at the realistic "
-                                                                   "shape (0: none)")
+    parser.add_argument("--iterations", type=int, default=3, help="whole iterations (iteration 1 from the same "
+                                                                   "policy) per engine at the realistic shape (0: none)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/grpo-vllm-bench"))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "vllm_engine.json")
     parser.add_argument("--one", nargs=3, metavar=("KIND", "SHAPE", "ENGINE"), help=argparse.SUPPRESS)
