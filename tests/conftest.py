@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
-# `make test` runs the modules on several pytest-xdist workers at once, so the torch processes of
-# two tests share the cores. libgomp's threads spin for a while whenever they wait for work; two
-# processes' spinning threads then take the cores from each other's busy ones, and both crawl. Passive waiters sleep instead: the same threads, the same split of the work, the
-# same bits. Set before torch loads libgomp, and inherited by every process a test starts.
+# `make test` runs the modules on two pytest-xdist workers at once, so the torch processes of two
+# tests share the cores. libgomp's threads spin for a while whenever they wait for work; two
+# processes' spinning threads then take the cores from each other's busy ones, and both crawl.
+# Passive waiters sleep instead: the same threads, the same split of the work, the same bits.
+# Set before torch loads libgomp, and inherited by every process a test starts.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
