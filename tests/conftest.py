@@ -53,7 +53,7 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(_STATE, "inductor"
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-from flows.server import free_port  # noqa: E402  (after the environment above)
+from flows.server import PR_SET_PDEATHSIG, free_port  # noqa: E402  (after the environment above)
 
 TINY = [
     "data.builtin.train_size=200", "data.builtin.test_size=20",
@@ -71,7 +71,6 @@ TINY = [
 
 
 _LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
-PR_SET_PDEATHSIG = 1
 
 
 def _dies_with_the_suite() -> None:
